@@ -1,0 +1,56 @@
+"""``streamspace-agent``: the agent's command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+
+from streamspace_sdk import drivers, protocol
+
+__all__ = ["main"]
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    infos = drivers.list_plugins([args.group] if args.group else None)
+    if args.json:
+        print(json.dumps([asdict(i) for i in infos], indent=2))
+        return 0
+    rows = [("GROUP", "NAME", "VERSION", "ENTRY POINT", "CAPABILITIES")]
+    for i in infos:
+        caps = f"ERROR: {i.error}" if i.error else ",".join(i.capabilities) or "-"
+        rows.append((i.group, i.name, f"{i.distribution} {i.version}", i.entry_point, caps))
+    widths = [max(len(r[c]) for r in rows) for c in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[4])
+    return 1 if any(i.error for i in infos) else 0
+
+
+def _protocol_schema(_args: argparse.Namespace) -> int:
+    print(json.dumps(protocol.json_schema(), indent=2, sort_keys=True))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamspace-agent", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plugins", help="list installed drivers and hook plugins")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--group", help="only this entry-point group, e.g. streamspace.platforms")
+    p.set_defaults(func=_plugins)
+    s = sub.add_parser("protocol-schema", help="print the wire protocol's JSON Schema")
+    s.set_defaults(func=_protocol_schema)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    args = _parser().parse_args(argv)
+    status: int = args.func(args)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

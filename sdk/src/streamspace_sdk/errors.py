@@ -1,0 +1,88 @@
+"""Every public exception of the SDK, under one root, :class:`StreamSpaceError`."""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "DriverError",
+    "DriverLoadError",
+    "DriverNotFound",
+    "LeaseError",
+    "LeaseLost",
+    "NotSupported",
+    "PlatformError",
+    "ProtocolError",
+    "SessionNotFound",
+    "SessionVetoed",
+    "StaleGeneration",
+    "StreamSpaceError",
+]
+
+
+class StreamSpaceError(Exception):
+    """Root of every exception StreamSpace raises on purpose."""
+
+
+class ConfigError(StreamSpaceError, ValueError):
+    """A setting is missing or has a bad value; the message names the variable."""
+
+
+class ProtocolError(StreamSpaceError):
+    """A frame could not be parsed or is not allowed here.
+
+    Attributes:
+        code: short machine-readable reason, sent back in the ``error`` frame.
+        reason: the sentence a person reads.
+    """
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+class DriverError(StreamSpaceError):
+    """A driver plugin could not be found or loaded."""
+
+
+class DriverNotFound(DriverError, LookupError):
+    """No driver of that name is installed in the group."""
+
+    def __init__(self, group: str, name: str, installed: list[str]) -> None:
+        names = ", ".join(sorted(installed)) or "none"
+        super().__init__(f"no {group!r} driver named {name!r} is installed; installed: {names}")
+        self.group = group
+        self.name = name
+        self.installed = sorted(installed)
+
+
+class DriverLoadError(DriverError):
+    """A driver is installed but importing or checking it failed."""
+
+
+class PlatformError(StreamSpaceError):
+    """A platform could not do what it was asked; the message says why."""
+
+
+class NotSupported(PlatformError):
+    """The driver does not have the capability the call needs."""
+
+
+class SessionNotFound(PlatformError, LookupError):
+    """The platform manages no session with that id."""
+
+
+class StaleGeneration(PlatformError):
+    """A command carries an older generation than the one already applied."""
+
+
+class SessionVetoed(StreamSpaceError):
+    """A ``prepare_session_spec`` hook refused to let a session start."""
+
+
+class LeaseError(StreamSpaceError):
+    """A lease backend failed (unreachable, corrupt, misconfigured)."""
+
+
+class LeaseLost(LeaseError):
+    """The caller no longer holds the lease it tried to renew."""

@@ -1,0 +1,45 @@
+"""The conformance kit and test doubles for plugin authors (public API).
+
+Opt in with ``pytest_plugins = ["streamspace_sdk.testing.plugin"]`` and the
+``streamspace-sdk[testing]`` extra, then subclass a suite and provide its one fixture:
+
+=========================  ======================  ==========================================
+suite                      required fixture        checks
+=========================  ======================  ==========================================
+``LeaseConformance``       ``lease_factory``       acquire, renew, release, expiry, fencing
+``PlatformConformance``    ``platform_factory``    start/stop idempotency, adoption, hibernate
+``TransportConformance``   ``transport_pair``      bytes intact, close, backpressure, streams
+=========================  ======================  ==========================================
+"""
+
+from __future__ import annotations
+
+from streamspace_sdk.testing.base import BaseConformance
+from streamspace_sdk.testing.clock import AdvancingClock, FakeClock, settle
+from streamspace_sdk.testing.doubles import (
+    MemoryByteStream,
+    MemoryPlatform,
+    MemoryPlatformState,
+    memory_stream_pair,
+)
+from streamspace_sdk.testing.lease import LeaseConformance, LeaseFactory
+from streamspace_sdk.testing.platform import PlatformConformance, PlatformFactory, SpecFactory
+from streamspace_sdk.testing.transport import StreamPairFactory, TransportConformance
+
+__all__ = [
+    "AdvancingClock",
+    "BaseConformance",
+    "FakeClock",
+    "LeaseConformance",
+    "LeaseFactory",
+    "MemoryByteStream",
+    "MemoryPlatform",
+    "MemoryPlatformState",
+    "PlatformConformance",
+    "PlatformFactory",
+    "SpecFactory",
+    "StreamPairFactory",
+    "TransportConformance",
+    "memory_stream_pair",
+    "settle",
+]

@@ -1,0 +1,81 @@
+"""The VNC transport contract: how a viewer's bytes travel between control plane and agent.
+
+A transport gives the agent one :class:`ByteStream` per viewer; the agent pipes it to the
+session's VNC server. Bytes are relayed, never decoded. Every stream has a bounded buffer:
+``write`` waits while the peer has granted no credit, so a slow reader slows the writer
+instead of growing memory.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+from streamspace_sdk.settings import StreamSpaceSettings
+
+if TYPE_CHECKING:
+    from streamspace_sdk.protocol import Frame, VncOpen
+
+__all__ = ["DEFAULT_WINDOW_BYTES", "AgentLink", "ByteStream", "Transport"]
+
+DEFAULT_WINDOW_BYTES = 256 * 1024
+"""Bytes a sender may have in flight per stream before it needs credit: enough for a full
+1080p update burst at LAN latency, small enough that 1,000 viewers stay under 256 MiB."""
+
+
+class AgentLink(Protocol):
+    """The agent's connection to the control plane, as a transport sees it."""
+
+    @property
+    def url(self) -> str:
+        """The control plane's base URL (``ws://`` or ``wss://``)."""
+        ...
+
+    async def send(self, frame: Frame) -> None:
+        """Send one protocol frame on the agent's socket."""
+        ...
+
+    async def send_binary(self, data: bytes) -> None:
+        """Send one binary frame on the agent's socket."""
+        ...
+
+
+class ByteStream(ABC):
+    """One viewer's byte stream, in order and intact, with flow control."""
+
+    @abstractmethod
+    async def read(self) -> bytes:
+        """Return the next chunk of bytes; ``b""`` once the peer has closed."""
+
+    @abstractmethod
+    async def write(self, data: bytes) -> None:
+        """Send ``data``; waits while the peer's window is full. Raises after close."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Close both directions; the peer's ``read`` then returns ``b""``. Idempotent."""
+
+
+class Transport(ABC):
+    """A VNC transport. Subclass it and register it in ``streamspace.transports``.
+
+    Capabilities: ``multiplexed`` (streams share the agent's socket),
+    ``dedicated`` (a socket per stream).
+    """
+
+    name: ClassVar[str]
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+
+    class Settings(StreamSpaceSettings):
+        """The driver's own settings, read from the environment when it is built."""
+
+    def __init__(self, settings: StreamSpaceSettings | None = None) -> None:
+        self.settings = settings if settings is not None else self.Settings()
+
+    async def open_stream(self, link: AgentLink, request: VncOpen) -> ByteStream:
+        """Open the viewer-facing end of the stream the control plane asked for."""
+        return await self._open_stream(link, request)
+
+    @abstractmethod
+    async def _open_stream(self, link: AgentLink, request: VncOpen) -> ByteStream:
+        """Open the stream; raise ``ProtocolError`` if the request cannot be served."""

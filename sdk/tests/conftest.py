@@ -1,0 +1,1 @@
+pytest_plugins = ["streamspace_sdk.testing.plugin"]
