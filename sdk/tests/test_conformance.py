@@ -38,7 +38,7 @@ class TestMemoryLease(LeaseConformance):
 
 class TestMemoryPlatform(PlatformConformance):
     @pytest_asyncio.fixture
-    async def platform_factory(self) -> AsyncIterator[PlatformFactory]:
+    async def platform_factory(self) -> AsyncIterator[PlatformFactory]:  # type: ignore[override]
         state = MemoryPlatformState()
 
         def make() -> Platform:

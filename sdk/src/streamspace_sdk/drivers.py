@@ -110,13 +110,14 @@ def load_driver_class(
     try:
         if extensions is not None:
             cls = _from_extensions(group, name, extensions)
+        elif name not in entry_point_names(group):
+            raise NoMatches(name)  # checked first so stevedore logs no warning of its own
         else:
             manager: DriverManager[Any] = DriverManager(
                 namespace=group,
                 name=name,
                 invoke_on_load=False,
                 on_load_failure_callback=_raise_load_error,
-                on_missing_entrypoints_callback=None,
             )
             cls = manager.driver
     except NoMatches:
