@@ -10,12 +10,16 @@ from dataclasses import asdict
 
 from streamspace_sdk import drivers, protocol
 
-__all__ = ["main"]
+__all__ = ["main", "show_plugins"]
 
 
-def _plugins(args: argparse.Namespace) -> int:
-    infos = drivers.list_plugins([args.group] if args.group else None)
-    if args.json:
+def show_plugins(groups: list[str] | None = None, *, as_json: bool = False) -> int:
+    """Print installed plugins of ``groups`` (all by default); return 1 if one is broken.
+
+    Shared by ``streamspace-agent plugins`` and ``streamspace-controlplane plugins``.
+    """
+    infos = drivers.list_plugins(groups)
+    if as_json:
         print(json.dumps([asdict(i) for i in infos], indent=2))
         return 0
     rows = [("GROUP", "NAME", "VERSION", "ENTRY POINT", "CAPABILITIES")]
@@ -26,6 +30,10 @@ def _plugins(args: argparse.Namespace) -> int:
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[4])
     return 1 if any(i.error for i in infos) else 0
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    return show_plugins([args.group] if args.group else None, as_json=args.json)
 
 
 def _protocol_schema(_args: argparse.Namespace) -> int:

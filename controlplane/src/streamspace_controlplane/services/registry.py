@@ -1,0 +1,247 @@
+"""The agent registry: what registering, heartbeating and leaving mean for an agent.
+
+The route owns the socket; this module decides. Registration is one atomic store call
+that also checks the lease's fencing epoch, then the hub makes the new connection current
+(closing a superseded one). Heartbeats and cleanup are conditional on the connection id,
+so an old socket can neither keep an agent alive nor unregister its successor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from pydantic import JsonValue
+
+from streamspace_controlplane.core import ControlPlane
+from streamspace_controlplane.dispatcher import dispatcher_of
+from streamspace_controlplane.hub.base import AgentConnection
+from streamspace_controlplane.models import AgentRecord, utcnow
+from streamspace_controlplane.reconciler import CLOSE_HEARTBEAT_TIMEOUT, reconciler_of
+from streamspace_controlplane.store.base import StaleEpoch
+from streamspace_sdk.protocol import (
+    PROTOCOL_VERSION,
+    AgentHello,
+    AgentWelcome,
+    CommandAck,
+    CommandResult,
+    Error,
+    Frame,
+    Heartbeat,
+    SessionStatusReport,
+    Shutdown,
+    VncClose,
+    VncCredit,
+    VncOpened,
+)
+
+__all__ = [
+    "CLOSE_BAD_HELLO",
+    "CLOSE_FORBIDDEN",
+    "CLOSE_HEARTBEAT_TIMEOUT",
+    "CLOSE_STALE_EPOCH",
+    "CLOSE_SUPERSEDED",
+    "CLOSE_UNAUTHORIZED",
+    "SUPPORTED_PROTOCOL_VERSIONS",
+    "Refused",
+    "handle",
+    "heartbeat_interval_s",
+    "register",
+    "unregister",
+]
+
+logger = logging.getLogger("streamspace.controlplane.agents")
+
+CLOSE_SUPERSEDED = 4000
+"""The agent connected again; this older socket is closed."""
+CLOSE_BAD_HELLO = 4400
+"""The first frame was not a usable ``agent.hello`` (malformed, or an unsupported version)."""
+CLOSE_UNAUTHORIZED = 4401
+"""No valid agent token (only seen where the server cannot refuse before accepting)."""
+CLOSE_FORBIDDEN = 4403
+"""The token is valid but for another agent id."""
+CLOSE_STALE_EPOCH = 4409
+"""A newer lease holder of the same agent id has registered (fencing)."""
+
+_LOCKS_KEY = "registry.locks"
+
+SUPPORTED_PROTOCOL_VERSIONS: frozenset[int] = frozenset({PROTOCOL_VERSION})
+"""Protocol versions this control plane speaks."""
+
+
+class Refused(Exception):
+    """The agent's socket must be closed with ``code`` and ``reason`` (a sentence)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+def _registration_lock(cp: ControlPlane, agent_id: str) -> asyncio.Lock:
+    locks = cp.extras.setdefault(_LOCKS_KEY, {})
+    lock = locks.get(agent_id)
+    if lock is None:
+        lock = locks[agent_id] = asyncio.Lock()
+    assert isinstance(lock, asyncio.Lock)
+    return lock
+
+
+def heartbeat_interval_s(cp: ControlPlane) -> float:
+    """Return the heartbeat interval agents are told: a third of the timeout, so two can miss."""
+    return cp.settings.agent_heartbeat_timeout / 3
+
+
+async def register(
+    cp: ControlPlane, conn: AgentConnection, hello: AgentHello, *, token_agent_id: str
+) -> AgentRecord:
+    """Register the agent behind ``conn`` from its hello, welcome it, and catch it up.
+
+    Stores the agent ``online`` with the connection's id, makes the connection current in
+    the hub (closing the one it supersedes), sends ``agent.welcome``, then sends every
+    command it has not finished, reconciles the sessions it reports, and kicks the scheduler.
+
+    Raises:
+        Refused: The hello names another agent than the token, speaks an unsupported
+            protocol version, or carries a stale fencing epoch.
+    """
+    if hello.agent_id != token_agent_id:
+        raise Refused(
+            CLOSE_FORBIDDEN,
+            f"token is for agent {token_agent_id!r}, not {hello.agent_id!r}",
+        )
+    if hello.protocol_version not in SUPPORTED_PROTOCOL_VERSIONS:
+        supported = ", ".join(str(v) for v in sorted(SUPPORTED_PROTOCOL_VERSIONS))
+        raise Refused(
+            CLOSE_BAD_HELLO,
+            f"unsupported protocol version {hello.protocol_version}; supported: {supported}",
+        )
+    metadata: dict[str, JsonValue] = {
+        "agent_version": hello.agent_version,
+        "protocol_version": hello.protocol_version,
+        "transports": list(hello.transports),
+        "lease_holder": hello.lease_holder,
+    }
+    # One registration of an agent at a time in this process, so the store's current
+    # connection and the hub's always end up the same one.
+    async with _registration_lock(cp, hello.agent_id):
+        now = utcnow()
+        try:
+            agent = await cp.store.register_agent(
+                AgentRecord(
+                    agent_id=hello.agent_id,
+                    platform=hello.platform,
+                    region=hello.region,
+                    labels=dict(hello.labels),
+                    status="online",
+                    capacity=hello.capacity,
+                    usage=hello.usage,
+                    metadata=metadata,
+                    websocket_conn_id=conn.conn_id,
+                    last_heartbeat=now,
+                    fencing_epoch=hello.fencing_epoch,
+                    created_at=now,
+                )
+            )
+        except StaleEpoch as exc:
+            logger.warning("Refused agent %s: %s", hello.agent_id, exc)
+            raise Refused(
+                CLOSE_STALE_EPOCH,
+                f"stale fencing epoch {exc.epoch} < {exc.highest}: a newer leader exists",
+            ) from None
+        old = await cp.hub.attach(conn)
+        if old is not None:
+            logger.info(
+                "Agent %s reconnected; closing its previous connection %s",
+                old.agent_id,
+                old.conn_id,
+            )
+            await old.close(CLOSE_SUPERSEDED, "superseded by a newer connection")
+    await conn.send(
+        AgentWelcome(connection_id=conn.conn_id, heartbeat_interval_s=heartbeat_interval_s(cp))
+    )
+    logger.info(
+        "Agent registered successfully: %s (platform %s, region %s, %d sessions reported, "
+        "connection %s)",
+        agent.agent_id,
+        agent.platform,
+        agent.region,
+        len(hello.sessions),
+        conn.conn_id,
+    )
+    dispatcher_of(cp).agent_connected(agent.agent_id)
+    try:
+        await reconciler_of(cp).on_agent_registered(agent.agent_id, hello.sessions)
+    except Exception:
+        logger.exception("Reconciling the sessions agent %s reported failed", agent.agent_id)
+        cp.reconciler.kick()
+    cp.scheduler.kick()
+    return agent
+
+
+async def handle(cp: ControlPlane, conn: AgentConnection, frame: Frame) -> Error | None:
+    """Act on one frame from a registered agent.
+
+    Returns:
+        An error frame to answer with (the connection stays up), or ``None``.
+
+    Raises:
+        Refused: The heartbeat found that another connection of the agent has taken over,
+            or that the agent was marked offline meanwhile; it must register again.
+    """
+    agent_id = conn.agent_id
+    if isinstance(frame, Heartbeat):
+        if not await cp.store.heartbeat_agent(
+            agent_id, conn.conn_id, frame.usage.model_dump(mode="json"), utcnow()
+        ):
+            agent = await cp.store.get_agent(agent_id)
+            if agent is not None and agent.websocket_conn_id == conn.conn_id:
+                raise Refused(CLOSE_HEARTBEAT_TIMEOUT, "marked offline after missed heartbeats")
+            raise Refused(CLOSE_SUPERSEDED, "superseded by a newer connection")
+        return None
+    if isinstance(frame, CommandAck):
+        return await dispatcher_of(cp).on_ack(agent_id, frame)
+    if isinstance(frame, CommandResult):
+        return await dispatcher_of(cp).on_result(agent_id, frame)
+    if isinstance(frame, SessionStatusReport):
+        await reconciler_of(cp).on_status(agent_id, frame.status)
+        return None
+    if isinstance(frame, Shutdown):
+        logger.info("Agent %s is shutting down: %s", agent_id, frame.reason or "no reason given")
+        return None
+    if isinstance(frame, Error):
+        logger.warning(
+            "Agent %s refused a frame: %s: %s (ref %s)",
+            agent_id,
+            frame.code,
+            frame.message,
+            frame.ref,
+        )
+        return None
+    if isinstance(frame, VncOpened | VncClose | VncCredit):
+        return Error(
+            code="unsupported",
+            message=f"{frame.type}: this control plane opens no VNC streams over the agent "
+            "socket yet",
+            ref=frame.type,
+        )
+    if isinstance(frame, AgentHello):
+        message = "already registered: agent.hello is only valid as the first frame"
+    else:
+        message = f"{frame.type} is not a frame an agent sends to the control plane"
+    return Error(code="unexpected", message=message, ref=frame.type)
+
+
+async def unregister(cp: ControlPlane, conn: AgentConnection) -> None:
+    """Forget ``conn``; mark the agent offline only if it is still its current connection."""
+    await cp.hub.detach(conn)
+    if cp.hub.local(conn.agent_id) is None:
+        dispatcher_of(cp).agent_disconnected(conn.agent_id)
+    if await cp.store.set_agent_offline(conn.agent_id, conn.conn_id):
+        logger.info("Agent %s disconnected (connection %s)", conn.agent_id, conn.conn_id)
+    else:
+        logger.info(
+            "Connection %s of agent %s closed; it was no longer current",
+            conn.conn_id,
+            conn.agent_id,
+        )

@@ -1,0 +1,7 @@
+"""The store: its contract and drivers (``sqlite``, ``postgres``)."""
+
+from __future__ import annotations
+
+from streamspace_controlplane.store.base import Conflict, NotFound, StaleEpoch, Store, StoreError
+
+__all__ = ["Conflict", "NotFound", "StaleEpoch", "Store", "StoreError"]

@@ -1,0 +1,199 @@
+"""Users: the bootstrap admin and ``/api/v1/users``."""
+
+from __future__ import annotations
+
+import logging
+import stat
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import apikit
+import pytest
+from apikit import ADMIN, assert_error
+
+from streamspace_controlplane import auth
+from streamspace_controlplane.core import ControlPlane
+from streamspace_controlplane.services import users
+from streamspace_controlplane.store.base import Store
+from streamspace_sdk.errors import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch) -> None:
+    apikit.isolate(monkeypatch)
+
+
+@asynccontextmanager
+async def connected(store: Store, tmp_path: Path, **overrides: Any) -> AsyncIterator[ControlPlane]:
+    """A control plane on the fixture's store (connected and migrated), without the app."""
+    yield apikit.build(store, tmp_path, **overrides)
+
+
+# -- the bootstrap admin -----------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_generated_admin_password_is_written_0600_and_logged_once(
+    store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "streamspace.controlplane")
+    async with connected(store, tmp_path, admin_password=None) as cp:
+        password = await users.ensure_admin(cp)
+        assert password is not None
+        assert len(password) >= 16
+        path = cp.settings.streamspace_home / "admin-password"
+        assert path.read_text() == password + "\n"
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        admin = await cp.store.get_user(ADMIN)
+        assert admin is not None
+        assert admin.role == "admin"
+        assert await auth.verify_password(admin.password_hash, password)
+        assert await users.ensure_admin(cp) is None  # exists now: nothing generated
+    logged = [r.getMessage() for r in caplog.records if "Generated admin password" in r.message]
+    assert logged == [f"Generated admin password written to {path} (user 'admin')"]
+    assert password not in caplog.text
+
+
+@pytest.mark.asyncio
+async def test_generated_password_logs_in_through_the_api(store: Store, tmp_path: Path) -> None:
+    cp = apikit.build(store, tmp_path, admin_password=None)
+    # running() logs in with ADMIN_PASSWORD, so log in by hand here.
+    import httpx
+    from asgi_lifespan import LifespanManager
+
+    from streamspace_controlplane.app import create_app
+
+    app = create_app(cp)
+    async with (
+        LifespanManager(app) as manager,
+        httpx.AsyncClient(transport=httpx.ASGITransport(manager.app), base_url="http://t") as c,
+    ):
+        password = (cp.settings.streamspace_home / "admin-password").read_text().strip()
+        response = await c.post(
+            "/api/v1/auth/login", json={"username": ADMIN, "password": password}
+        )
+        assert response.status_code == 200
+
+
+@pytest.mark.asyncio
+async def test_configured_admin_password_is_used_and_updated(store: Store, tmp_path: Path):
+    async with connected(store, tmp_path, admin_password="first-password") as cp:
+        assert await users.ensure_admin(cp) is None
+        assert not (cp.settings.streamspace_home / "admin-password").exists()
+        changed = apikit.build(store, tmp_path, admin_password="second-password")
+        assert await users.ensure_admin(changed) is None
+        admin = await store.get_user(ADMIN)
+        assert admin is not None
+        assert await auth.verify_password(admin.password_hash, "second-password")
+        assert not await auth.verify_password(admin.password_hash, "first-password")
+        unset = apikit.build(store, tmp_path, admin_password=None)
+        assert await users.ensure_admin(unset) is None  # an existing admin is left alone
+        assert await auth.verify_password(
+            (await store.get_user(ADMIN)).password_hash,  # type: ignore[union-attr]
+            "second-password",
+        )
+
+
+@pytest.mark.asyncio
+async def test_a_bad_admin_username_names_the_variable(store: Store, tmp_path: Path) -> None:
+    async with connected(store, tmp_path, admin_username="bad name!") as cp:
+        with pytest.raises(ConfigError, match="ADMIN_USERNAME"):
+            await users.ensure_admin(cp)
+
+
+# -- /api/v1/users -----------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_create_list_and_delete_users(store: Store, tmp_path: Path) -> None:
+    async with apikit.running(store, tmp_path) as api:
+        created = await api.client.post(
+            "/api/v1/users",
+            json={"username": "alice.smith@corp", "password": "long-enough", "role": "admin"},
+            headers=api.admin,
+        )
+        assert created.status_code == 201
+        assert created.headers["Location"] == "/api/v1/users/alice.smith@corp"
+        body = created.json()
+        assert set(body) == {"username", "role", "created_at"}
+        assert (body["username"], body["role"]) == ("alice.smith@corp", "admin")
+
+        listed = await api.client.get("/api/v1/users", headers=api.admin)
+        assert listed.status_code == 200
+        assert [(u["username"], u["role"]) for u in listed.json()] == [
+            ("admin", "admin"),
+            ("alice.smith@corp", "admin"),
+        ]
+        assert "password" not in listed.text
+        assert "$argon2" not in listed.text
+
+        deleted = await api.client.delete("/api/v1/users/alice.smith@corp", headers=api.admin)
+        assert deleted.status_code == 204
+        assert deleted.content == b""
+        again = await api.client.delete("/api/v1/users/alice.smith@corp", headers=api.admin)
+        assert_error(again, 404, "not_found")
+
+
+@pytest.mark.asyncio
+async def test_the_default_role_is_user(store: Store, tmp_path: Path) -> None:
+    async with apikit.running(store, tmp_path) as api:
+        response = await api.client.post(
+            "/api/v1/users", json={"username": "bob", "password": "long-enough"}, headers=api.admin
+        )
+        assert response.json()["role"] == "user"
+
+
+@pytest.mark.asyncio
+async def test_a_taken_username_is_a_conflict(store: Store, tmp_path: Path) -> None:
+    async with apikit.running(store, tmp_path) as api:
+        body = {"username": "admin", "password": "long-enough"}
+        response = await api.client.post("/api/v1/users", json=body, headers=api.admin)
+        assert "already exists" in assert_error(response, 409, "conflict")["message"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"username": "bad name", "password": "long-enough"}, "body.username"),
+        ({"username": "-dash", "password": "long-enough"}, "body.username"),
+        ({"username": "", "password": "long-enough"}, "body.username"),
+        ({"username": "x" * 65, "password": "long-enough"}, "body.username"),
+        ({"username": "bob", "password": "short"}, "body.password"),
+        ({"username": "bob", "password": "long-enough", "role": "root"}, "body.role"),
+        ({"password": "long-enough"}, "body.username"),
+        ({"username": "bob"}, "body.password"),
+        ({"username": "bob", "password": "long-enough", "admin": True}, "body.admin"),
+    ],
+)
+async def test_user_validation_errors(
+    store: Store, tmp_path: Path, body: dict[str, Any], field: str
+) -> None:
+    async with apikit.running(store, tmp_path) as api:
+        response = await api.client.post("/api/v1/users", json=body, headers=api.admin)
+        error = assert_error(response, 422, "validation_error")
+        assert field in [f["field"] for f in error["fields"]]
+        assert field in error["message"]
+        assert "long-enough" not in response.text  # values are never echoed
+
+
+@pytest.mark.asyncio
+async def test_an_admin_cannot_delete_themselves(store: Store, tmp_path: Path) -> None:
+    async with apikit.running(store, tmp_path) as api:
+        response = await api.client.delete(f"/api/v1/users/{ADMIN}", headers=api.admin)
+        assert "your own user" in assert_error(response, 409, "conflict")["message"]
+
+
+@pytest.mark.asyncio
+async def test_a_user_with_active_sessions_cannot_be_deleted(store: Store, tmp_path: Path):
+    async with apikit.running(store, tmp_path) as api:
+        await api.template()
+        bob = await api.user("bob")
+        session = await api.session(bob)
+        refused = await api.client.delete("/api/v1/users/bob", headers=api.admin)
+        assert "1 session(s)" in assert_error(refused, 409, "conflict")["message"]
+        gone = await api.client.delete(f"/api/v1/sessions/{session['id']}", headers=bob)
+        assert gone.status_code == 204
+        assert (await api.client.delete("/api/v1/users/bob", headers=api.admin)).status_code == 204
