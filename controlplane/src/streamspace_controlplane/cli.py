@@ -49,6 +49,7 @@ def server_config(cp: ControlPlane) -> uvicorn.Config:
 
 def _serve(args: argparse.Namespace) -> int:
     cp = build_control_plane(_settings(args))
+    logging.getLogger().setLevel(cp.settings.log_level)
     logger.info(
         "StreamSpace control plane: store %s, hub %s, http://%s:%d",
         cp.store.name,
