@@ -12,8 +12,10 @@ from streamspace_sdk.lease import Lease
 from streamspace_sdk.leases import MemoryLease, MemoryLeaseStore
 from streamspace_sdk.platform import Platform, SessionSpec
 from streamspace_sdk.testing import (
+    HomeProbe,
     LeaseConformance,
     LeaseFactory,
+    MemoryHomeProbe,
     MemoryPlatform,
     MemoryPlatformState,
     PlatformConformance,
@@ -46,6 +48,10 @@ class TestMemoryPlatform(PlatformConformance):
 
         yield make
         await state.close()
+
+    @pytest.fixture
+    def home_probe(self) -> HomeProbe:
+        return MemoryHomeProbe()
 
     @pytest.fixture
     def failing_spec(self, platform_factory: PlatformFactory) -> SessionSpec:

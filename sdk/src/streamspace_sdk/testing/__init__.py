@@ -18,21 +18,29 @@ from streamspace_sdk.testing.base import BaseConformance
 from streamspace_sdk.testing.clock import AdvancingClock, FakeClock, settle
 from streamspace_sdk.testing.doubles import (
     MemoryByteStream,
+    MemoryHomeProbe,
     MemoryPlatform,
     MemoryPlatformState,
     memory_stream_pair,
 )
 from streamspace_sdk.testing.lease import LeaseConformance, LeaseFactory
-from streamspace_sdk.testing.platform import PlatformConformance, PlatformFactory, SpecFactory
+from streamspace_sdk.testing.platform import (
+    HomeProbe,
+    PlatformConformance,
+    PlatformFactory,
+    SpecFactory,
+)
 from streamspace_sdk.testing.transport import StreamPairFactory, TransportConformance
 
 __all__ = [
     "AdvancingClock",
     "BaseConformance",
     "FakeClock",
+    "HomeProbe",
     "LeaseConformance",
     "LeaseFactory",
     "MemoryByteStream",
+    "MemoryHomeProbe",
     "MemoryPlatform",
     "MemoryPlatformState",
     "PlatformConformance",

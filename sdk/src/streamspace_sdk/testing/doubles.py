@@ -18,7 +18,13 @@ from streamspace_sdk.platform import (
 from streamspace_sdk.settings import StreamSpaceSettings
 from streamspace_sdk.transport import DEFAULT_WINDOW_BYTES, ByteStream
 
-__all__ = ["MemoryByteStream", "MemoryPlatform", "MemoryPlatformState", "memory_stream_pair"]
+__all__ = [
+    "MemoryByteStream",
+    "MemoryHomeProbe",
+    "MemoryPlatform",
+    "MemoryPlatformState",
+    "memory_stream_pair",
+]
 
 RFB_BANNER = b"RFB 003.008\n"
 
@@ -130,6 +136,30 @@ class MemoryPlatform(Platform):
         )
         self.state.sessions[session_id] = status
         return status
+
+
+class MemoryHomeProbe:
+    """The ``home_probe`` of :class:`MemoryPlatform`: its homes are dicts per user.
+
+    Return one from a ``home_probe`` fixture to run the kit's home tests against the double.
+    """
+
+    async def write(self, platform: Platform, session_id: str, name: str, content: str) -> None:
+        """Write ``content`` to ``name`` in the home of the session's user."""
+        self._home(platform, session_id)[name] = content
+
+    async def read(self, platform: Platform, session_id: str, name: str) -> str | None:
+        """Return ``name`` from the home of the session's user, or ``None``."""
+        return self._home(platform, session_id).get(name)
+
+    @staticmethod
+    def _home(platform: Platform, session_id: str) -> dict[str, str]:
+        if not isinstance(platform, MemoryPlatform):
+            raise TypeError(f"MemoryHomeProbe works with MemoryPlatform, not {platform!r}")
+        status = platform.state.sessions.get(session_id)
+        if status is None:
+            raise SessionNotFound(f"session {session_id!r} is not known")
+        return platform.state.homes.setdefault(str(status.platform_metadata["user"]), {})
 
 
 class _Direction:

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
 import pytest
 import pytest_asyncio
@@ -23,13 +24,28 @@ from streamspace_sdk.platform import (
 )
 from streamspace_sdk.testing.base import BaseConformance
 
-__all__ = ["PlatformConformance", "PlatformFactory", "SpecFactory"]
+__all__ = ["HomeProbe", "PlatformConformance", "PlatformFactory", "SpecFactory"]
 
 PlatformFactory = Callable[[], Platform]
 """Builds a new platform object over the same host or cluster, as a restarted agent would."""
 
 SpecFactory = Callable[[str, int], SessionSpec]
 """Builds a runnable spec for ``(session_id, generation)`` on this platform."""
+
+
+class HomeProbe(Protocol):
+    """Reads and writes files in a running session's home directory, for the home tests.
+
+    A driver's test class returns one from its ``home_probe`` fixture: for a local platform
+    it writes under the path the status reports; for containers it may exec into the session.
+    """
+
+    async def write(self, platform: Platform, session_id: str, name: str, content: str) -> None:
+        """Write ``content`` to the file ``name`` in the session's home."""
+
+    async def read(self, platform: Platform, session_id: str, name: str) -> str | None:
+        """Return the content of ``name`` in the session's home, or ``None`` if it is absent."""
+
 
 _ids = itertools.count(1)
 
@@ -40,11 +56,16 @@ class PlatformConformance(BaseConformance):
     ``platform_factory()`` returns a new :class:`Platform` object managing the same sessions
     each call (a restarted agent). Override ``session_spec_factory`` when the default spec (no
     image, no command) cannot run on your platform, and ``start_timeout_s`` when starts are
-    slow. Capabilities gate the hibernate and adoption tests.
+    slow. Capabilities gate the hibernate and adoption tests. Optional fixtures enable more:
+    ``failing_spec`` (a start that must fail) and ``home_probe`` (see :class:`HomeProbe`).
     """
 
     start_timeout_s: float = 60.0
     """How long a started session may take to report ``running``."""
+
+    capacity_fill_limit: int = 16
+    """The capacity test fills the platform only when ``max_sessions`` is at most this, so
+    set a small ``MAX_SESSIONS`` in ``platform_factory`` (or raise this) to run it."""
 
     @pytest.fixture
     def platform_factory(self) -> PlatformFactory:
@@ -273,3 +294,160 @@ class PlatformConformance(BaseConformance):
     def failing_spec(self) -> SessionSpec | None:
         """A spec whose start must fail; ``None`` skips that test."""
         return None
+
+    @pytest.fixture
+    def home_probe(self) -> HomeProbe | None:
+        """A :class:`HomeProbe` for the session's home; ``None`` skips the home tests."""
+        return None
+
+    @pytest.mark.asyncio
+    async def test_failed_start_leaves_nothing_behind(
+        self,
+        platform: Platform,
+        failing_spec: SessionSpec | None,
+        session_spec_factory: SpecFactory,
+    ) -> None:
+        """Contract: a failed start holds no capacity and leaves no session; the same id
+        starts normally with the next generation.
+
+        Troubleshooting: on any error in ``_start``, remove what it created (processes,
+        containers, records) before raising, and do not count it in ``usage``.
+        """
+        if failing_spec is None:
+            pytest.skip("no failing_spec fixture for this driver")
+        before = await platform.usage()
+        with pytest.raises(PlatformError):
+            await platform.start(failing_spec)
+        assert (await platform.usage()).sessions == before.sessions
+        active = [
+            s
+            for s in await platform.list_sessions()
+            if s.session_id == failing_spec.session_id and s.state in ("starting", "running")
+        ]
+        assert not active, f"a failed start left {active}"
+        sid = failing_spec.session_id
+        await platform.start(session_spec_factory(sid, failing_spec.generation + 1))
+        status = await self.wait_state(platform, sid, {"running"})
+        assert status.generation == failing_spec.generation + 1
+
+    @pytest.mark.asyncio
+    async def test_capacity_is_honoured(
+        self, platform: Platform, session_spec_factory: SpecFactory, new_id: Callable[[], str]
+    ) -> None:
+        """Contract: once ``max_sessions`` sessions run, another start raises
+        ``PlatformError`` and starts nothing; stopping one makes room again.
+
+        Troubleshooting: count starting and running sessions (not hibernated ones) in
+        ``_start`` before creating anything, under a lock so concurrent starts cannot both
+        take the last place. The test runs when ``max_sessions`` is at most
+        ``capacity_fill_limit``.
+        """
+        capacity = await platform.capacity()
+        if capacity.max_sessions > self.capacity_fill_limit:
+            pytest.skip(
+                f"max_sessions is {capacity.max_sessions}; make platform_factory's capacity at "
+                f"most capacity_fill_limit ({self.capacity_fill_limit}) to fill it"
+            )
+        if capacity.max_sessions == 0:
+            pytest.skip("max_sessions is 0")
+        room = capacity.max_sessions - (await platform.usage()).sessions
+        started = [new_id() for _ in range(room)]
+        for sid in started:
+            await platform.start(session_spec_factory(sid, 1))
+        for sid in started:
+            await self.wait_state(platform, sid, {"running"})
+        extra = new_id()
+        with pytest.raises(PlatformError):
+            await platform.start(session_spec_factory(extra, 1))
+        status = await platform.status(extra)
+        assert status is None or status.state in ("failed", "stopped"), status
+        assert (await platform.usage()).sessions == capacity.max_sessions
+        if started:
+            await platform.stop(started[0], 2)
+            await platform.start(session_spec_factory(extra, 2))
+            await self.wait_state(platform, extra, {"running"})
+
+    @pytest.mark.asyncio
+    async def test_adopted_session_can_be_stopped(
+        self,
+        platform: Platform,
+        platform_factory: PlatformFactory,
+        session_spec_factory: SpecFactory,
+        new_id: Callable[[], str],
+    ) -> None:
+        """Contract: a new platform object manages what an earlier one started: it reports
+        it running with its VNC endpoint, and stops it.
+
+        Troubleshooting: keep everything ``_status``, ``_vnc_endpoint`` and ``_stop`` need
+        on the platform (labels, a state file), not in the object that started the session.
+        """
+        self.require(platform.capabilities, "adopt")
+        sid = new_id()
+        await platform.start(session_spec_factory(sid, 1))
+        await self.wait_state(platform, sid, {"running"})
+        reborn = platform_factory()
+        try:
+            status = await reborn.status(sid)
+            assert status is not None, f"a new platform object does not see {sid}"
+            assert status.state == "running", status
+            assert (await reborn.vnc_endpoint(sid)) == (await platform.vnc_endpoint(sid))
+            assert (await reborn.stop(sid, 2)).state == "stopped"
+        finally:
+            await reborn.close()
+        after = await platform.status(sid)
+        assert after is None or after.state == "stopped", after
+
+    @pytest.mark.asyncio
+    async def test_hibernate_wake_keeps_home(
+        self,
+        platform: Platform,
+        session_spec_factory: SpecFactory,
+        new_id: Callable[[], str],
+        home_probe: HomeProbe | None,
+    ) -> None:
+        """Contract: a file written in the home before hibernate is there after wake.
+
+        Troubleshooting: ``_hibernate`` drops compute only; ``_wake`` mounts the same
+        volume or directory again, even when the session lands on a new port or node.
+        """
+        self.require(platform.capabilities, "hibernate")
+        if home_probe is None:
+            pytest.skip("no home_probe fixture for this driver")
+        sid = new_id()
+        await platform.start(session_spec_factory(sid, 1))
+        await self.wait_state(platform, sid, {"running"})
+        await home_probe.write(platform, sid, "conformance.txt", sid)
+        await platform.hibernate(sid, 2)
+        await platform.wake(session_spec_factory(sid, 3))
+        await self.wait_state(platform, sid, {"running"})
+        assert await home_probe.read(platform, sid, "conformance.txt") == sid
+
+    @pytest.mark.asyncio
+    async def test_persistent_home_outlives_session(
+        self,
+        platform: Platform,
+        session_spec_factory: SpecFactory,
+        new_id: Callable[[], str],
+        home_probe: HomeProbe | None,
+    ) -> None:
+        """Contract: with ``persistent_home``, a file one session writes is in the home of the
+        user's next session, after the first was stopped.
+
+        Troubleshooting: name the persistent volume or directory after the user, not the
+        session, and keep it in ``_stop``.
+        """
+        self.require(platform.capabilities, "persistent_home")
+        if home_probe is None:
+            pytest.skip("no home_probe fixture for this driver")
+        first, second = new_id(), new_id()
+        spec = session_spec_factory(first, 1).model_copy(update={"persistent_home": True})
+        await platform.start(spec)
+        await self.wait_state(platform, first, {"running"})
+        await home_probe.write(platform, first, "conformance.txt", first)
+        await platform.stop(first, 2)
+        again = session_spec_factory(second, 1).model_copy(
+            update={"persistent_home": True, "user": spec.user}
+        )
+        await platform.start(again)
+        await self.wait_state(platform, second, {"running"})
+        assert await home_probe.read(platform, second, "conformance.txt") == first
