@@ -64,6 +64,7 @@ class KickLoop(ABC):
                     await self._kicked.wait()
             self._kicked.clear()
             try:
-                await self.run_once()
+                async with self._lock:
+                    await self._pass()
             except Exception:
                 logger.exception("%s pass failed; retrying in %.3gs", self._name, self.interval_s)

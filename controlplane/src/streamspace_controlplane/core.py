@@ -19,7 +19,7 @@ from streamspace_controlplane.store.base import Store
 from streamspace_sdk.hooks import Hooks, SessionEvent
 from streamspace_sdk.platform import SessionState
 
-__all__ = ["Background", "ControlPlane", "Kick", "SessionEvents"]
+__all__ = ["Background", "ControlPlane", "Converger", "Kick", "SessionEvents"]
 
 logger = logging.getLogger("streamspace.controlplane")
 
@@ -44,8 +44,19 @@ class Background(Protocol):
         ...
 
 
+class Converger(Kick, Protocol):
+    """The reconciler: kicked for a full pass, or touched for one session."""
+
+    def touch(self, session_id: str) -> None:
+        """Converge this one session soon, without a pass over every session."""
+        ...
+
+
 class _NoKick:
     def kick(self) -> None:
+        return None
+
+    def touch(self, session_id: str) -> None:
         return None
 
 
@@ -141,7 +152,7 @@ class ControlPlane:
     metrics: Metrics = field(default_factory=Metrics)
     scheduler: Kick = field(default_factory=_NoKick)
     """Places pending sessions; kicked when a session is created or an agent registers."""
-    reconciler: Kick = field(default_factory=_NoKick)
+    reconciler: Converger = field(default_factory=_NoKick)
     """Converges desired and actual state; kicked when a desired state changes."""
     background: list[Background] = field(default_factory=list)
     """Loops started with the app and stopped, in reverse order, with it."""

@@ -13,6 +13,7 @@ stopped: they may belong to another control plane sharing the platform.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import get_args
@@ -73,10 +74,37 @@ class Reconciler(KickLoop):
         """Agent id → unknown session ids already reported during its current connection."""
         self._lost_checked: dict[str, datetime | None] = {}
         """Offline agent id → the last heartbeat for which its sessions were marked lost."""
+        self._touched: set[str] = set()
+        """Sessions to converge on the next pass, which skips the full sweep if not due."""
+        self._full_due = True
+        self._last_full = 0.0
+
+    def kick(self) -> None:
+        """Ask for a full pass over every session as soon as possible."""
+        self._full_due = True
+        super().kick()
+
+    async def run_once(self) -> None:
+        """Run one full pass now."""
+        self._full_due = True
+        await super().run_once()
+
+    def touch(self, session_id: str) -> None:
+        """Converge one session soon; a user's change then costs one read, not a sweep."""
+        self._touched.add(session_id)
+        super().kick()
 
     # -- the periodic pass ------------------------------------------------------------------
 
     async def _pass(self) -> None:
+        touched, self._touched = self._touched, set()
+        if not self._full_due and time.monotonic() - self._last_full < self.interval_s:
+            for session_id in touched:
+                session = await self.cp.store.get_session(session_id)
+                if session is not None:
+                    await self.converge(session)
+            return
+        self._full_due, self._last_full = False, time.monotonic()
         now = utcnow()
         await self._sweep_heartbeats(await self.cp.store.list_agents(status="online"), now)
         agents = await self.cp.store.list_agents()

@@ -290,7 +290,7 @@ async def _set_desired_state(
     )
     if updated.state == "pending":
         cp.scheduler.kick()
-    cp.reconciler.kick()
+    cp.reconciler.touch(updated.id)
     return updated
 
 
@@ -336,7 +336,7 @@ async def delete_session(cp: ControlPlane, actor: Principal, session_id: str) ->
         f"session/{session_id}",
         {"generation": updated.generation, "deferred": True},
     )
-    cp.reconciler.kick()
+    cp.reconciler.touch(updated.id)
     return updated
 
 
