@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from streamspace_sdk.agent import Agent
 from streamspace_sdk.clock import Clock, SystemClock
 from streamspace_sdk.drivers import list_plugins, load_driver, load_driver_class
 from streamspace_sdk.elector import LeaderElector
@@ -49,6 +50,7 @@ except PackageNotFoundError:  # running from a source tree without metadata
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "Agent",
     "AgentSettings",
     "ByteStream",
     "Capacity",

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 
 from streamspace_sdk import drivers, protocol
+from streamspace_sdk.agent import Agent
+from streamspace_sdk.errors import StreamSpaceError
+from streamspace_sdk.settings import AgentSettings, load_settings
 
 __all__ = ["main", "show_plugins"]
 
@@ -36,6 +40,19 @@ def _plugins(args: argparse.Namespace) -> int:
     return show_plugins([args.group] if args.group else None, as_json=args.json)
 
 
+def _run(_args: argparse.Namespace) -> int:
+    """Run the agent from the environment until SIGTERM or SIGINT."""
+    try:
+        settings = load_settings(AgentSettings)
+        logging.basicConfig(level=settings.log_level, format="%(levelname)s: %(message)s")
+        agent = Agent(settings)
+        agent.run()
+    except StreamSpaceError as exc:  # a bad setting, a missing driver, a taken HEALTH_PORT
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _protocol_schema(_args: argparse.Namespace) -> int:
     print(json.dumps(protocol.json_schema(), indent=2, sort_keys=True))
     return 0
@@ -44,6 +61,14 @@ def _protocol_schema(_args: argparse.Namespace) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamspace-agent", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser(
+        "run",
+        help="run the agent: connect to CONTROL_PLANE_URL and run sessions on PLATFORM",
+        description="Run the agent with the settings in the environment (AGENT_ID, "
+        "CONTROL_PLANE_URL, AGENT_TOKEN, PLATFORM, ...) until SIGTERM or SIGINT; sessions "
+        "keep running when it stops.",
+    )
+    r.set_defaults(func=_run)
     p = sub.add_parser("plugins", help="list installed drivers and hook plugins")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--group", help="only this entry-point group, e.g. streamspace.platforms")

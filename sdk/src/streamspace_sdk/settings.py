@@ -7,7 +7,7 @@ This is the only module that reads the environment. A bad value fails at start-u
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import BeforeValidator, Field, SecretStr, ValidationError, field_validator
@@ -127,6 +127,13 @@ class AgentSettings(StreamSpaceSettings):
 
     health_port: int = Field(default=8082, ge=0, le=65535)
     """Port of ``/health`` and ``/ready``; 0 turns the endpoints off."""
+
+    health_host: str = "0.0.0.0"
+    """Address the health endpoints listen on. All interfaces by default, because the
+    kubelet probes the pod's IP; ``127.0.0.1`` keeps them private on a shared host."""
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    """Logging level of ``streamspace-agent run`` (as the control plane's ``LOG_LEVEL``)."""
 
     enable_ha: bool = False
     """Run a leader election so that only one replica with this ``AGENT_ID`` connects."""

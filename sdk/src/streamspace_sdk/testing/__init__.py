@@ -23,6 +23,7 @@ from streamspace_sdk.testing.doubles import (
     MemoryPlatformState,
     memory_stream_pair,
 )
+from streamspace_sdk.testing.fake_control_plane import FakeControlPlane
 from streamspace_sdk.testing.lease import LeaseConformance, LeaseFactory
 from streamspace_sdk.testing.platform import (
     HomeProbe,
@@ -36,6 +37,7 @@ __all__ = [
     "AdvancingClock",
     "BaseConformance",
     "FakeClock",
+    "FakeControlPlane",
     "HomeProbe",
     "LeaseConformance",
     "LeaseFactory",
