@@ -194,6 +194,42 @@ async def test_stale_fencing_epoch_is_refused(harness: Harness) -> None:
 
 
 @pytest.mark.asyncio
+async def test_second_process_of_an_agent_is_refused_while_the_first_lives(
+    harness: Harness,
+) -> None:
+    """Two processes with one AGENT_ID and HA off never split its sessions: the second
+    is refused (4429) while the first is connected and heartbeating, and is welcome once
+    the first is gone; a reconnect of the same process still replaces its old socket."""
+    first = await harness.agent("a1", connect=False)
+    await first.connect(instance_id="host-a_1")
+    second = await harness.agent("a1", connect=False)
+    with pytest.raises(Refused) as refused:
+        await second.connect(instance_id="host-b_2")
+    assert refused.value.code == 4429
+    assert "already connected from another process" in refused.value.reason
+    assert first.closed is not None
+    assert not first.closed.done()
+
+    same = await harness.agent("a1", connect=False, state=first.state)
+    await same.connect(instance_id="host-a_1")
+    assert await first.wait_closed() == Closed(4000, "superseded by a newer connection")
+
+    await same.close()
+
+    async def offline() -> bool:
+        agent = await harness.cp.store.get_agent("a1")
+        return agent is not None and agent.status == "offline"
+
+    await eventually(offline)
+    retry = await harness.agent("a1", connect=False)
+    welcome = await retry.connect(instance_id="host-b_2")
+    agent = await harness.cp.store.get_agent("a1")
+    assert agent is not None
+    assert agent.websocket_conn_id == welcome.connection_id
+    assert agent.metadata["instance_id"] == "host-b_2"
+
+
+@pytest.mark.asyncio
 async def test_reconnect_while_old_socket_heartbeats_never_marks_agent_offline(
     store: Store, tmp_path: Path
 ) -> None:

@@ -97,6 +97,10 @@ class AgentHello(WireModel):
     """Version of the agent software, for people."""
     transports: list[str] = Field(default_factory=list)
     """VNC transports the agent can use, preferred first."""
+    instance_id: str = ""
+    """Id of this agent process (host name and a random suffix). A reconnect of the same
+    process replaces its old socket; another process with the same ``agent_id`` and no
+    higher fencing epoch is refused while the first is alive."""
     lease_holder: str | None = None
     """Lease holder identity when HA is on."""
     fencing_epoch: int = Field(default=0, ge=0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import datetime, timedelta
 
 from pydantic import JsonValue
 
@@ -37,6 +38,7 @@ from streamspace_sdk.protocol import (
 
 __all__ = [
     "CLOSE_BAD_HELLO",
+    "CLOSE_DUPLICATE",
     "CLOSE_FORBIDDEN",
     "CLOSE_HEARTBEAT_TIMEOUT",
     "CLOSE_STALE_EPOCH",
@@ -62,6 +64,8 @@ CLOSE_FORBIDDEN = 4403
 """The token is valid but for another agent id."""
 CLOSE_STALE_EPOCH = 4409
 """A newer lease holder of the same agent id has registered (fencing)."""
+CLOSE_DUPLICATE = 4429
+"""Another process of this agent id is connected and alive, with no lower fencing epoch."""
 
 _LOCKS_KEY = "registry.locks"
 
@@ -92,6 +96,40 @@ def heartbeat_interval_s(cp: ControlPlane) -> float:
     return cp.settings.agent_heartbeat_timeout / 3
 
 
+async def _refuse_duplicate(cp: ControlPlane, hello: AgentHello, now: datetime) -> None:
+    """Refuse a second process of an agent while the first is connected here and alive.
+
+    A reconnect of the same process (same ``instance_id``) or a new lease holder (higher
+    fencing epoch) replaces the old socket; anything else would split the agent's sessions
+    between two hosts, so it waits until the first one is gone.
+    """
+    live = cp.hub.local(hello.agent_id)
+    if live is None:
+        return
+    known = await cp.store.get_agent(hello.agent_id)
+    if known is None or known.status != "online" or known.websocket_conn_id != live.conn_id:
+        return
+    instance = known.metadata.get("instance_id") or ""
+    if not instance or not hello.instance_id or instance == hello.instance_id:
+        return
+    if hello.fencing_epoch > known.fencing_epoch:
+        return
+    timeout = timedelta(seconds=cp.settings.agent_heartbeat_timeout)
+    if known.last_heartbeat is None or now - known.last_heartbeat >= timeout:
+        return
+    logger.warning(
+        "Refused a second process of agent %s (instance %s): instance %s is connected",
+        hello.agent_id,
+        hello.instance_id,
+        instance,
+    )
+    raise Refused(
+        CLOSE_DUPLICATE,
+        f"agent {hello.agent_id!r} is already connected from another process; run one "
+        "process per AGENT_ID or turn ENABLE_HA on",
+    )
+
+
 async def register(
     cp: ControlPlane, conn: AgentConnection, hello: AgentHello, *, token_agent_id: str
 ) -> AgentRecord:
@@ -117,6 +155,7 @@ async def register(
             f"unsupported protocol version {hello.protocol_version}; supported: {supported}",
         )
     metadata: dict[str, JsonValue] = {
+        "instance_id": hello.instance_id,
         "agent_version": hello.agent_version,
         "protocol_version": hello.protocol_version,
         "transports": list(hello.transports),
@@ -126,6 +165,7 @@ async def register(
     # connection and the hub's always end up the same one.
     async with _registration_lock(cp, hello.agent_id):
         now = utcnow()
+        await _refuse_duplicate(cp, hello, now)
         try:
             agent = await cp.store.register_agent(
                 AgentRecord(

@@ -28,6 +28,8 @@ FORBIDDEN = 4403
 TIMED_OUT = 4408
 """No hello, or no heartbeat, in time."""
 STALE_EPOCH = 4409
+"""A newer lease holder of the same agent id registered."""
+DUPLICATE = 4429
 """The fencing epoch is below the highest the control plane has seen for the agent id."""
 
 
@@ -77,6 +79,20 @@ def closed(
     code = rcvd.code if rcvd is not None else 1006
     reason = rcvd.reason if rcvd is not None else ""
     said = f"{code}: {reason}" if reason else str(code)
+    if code == DUPLICATE:
+        logger.error(
+            "Registration refused (%s): another agent process with the same AGENT_ID (%s) is "
+            "connected and alive; run one process per AGENT_ID, or turn ENABLE_HA on. "
+            "Retrying in %gs, so this one takes over if the other goes away",
+            said,
+            agent_id,
+            superseded_wait_s,
+        )
+        return Outcome(
+            "another process with this AGENT_ID is connected",
+            lasted_s=lasted_s,
+            wait_s=superseded_wait_s,
+        )
     if code == SUPERSEDED:
         logger.error(
             "Connection superseded (%s): another agent process with the same AGENT_ID (%s) "

@@ -713,6 +713,7 @@ class Agent:
             usage=await self.platform.usage(),
             agent_version=_agent_version(),
             transports=[self.settings.vnc_transport],
+            instance_id=self.identity,
             lease_holder=holder,
             fencing_epoch=epoch,
             sessions=sessions,
