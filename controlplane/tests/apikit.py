@@ -6,7 +6,6 @@ Not a conftest: the API test modules import it, so what each test builds stays v
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from typing import Any
 import argon2
 import httpx
 import pytest
-import uvicorn
+from agentsim import serve
 from asgi_lifespan import LifespanManager
 from starlette.applications import Starlette
 
@@ -180,35 +179,10 @@ async def running(
 
 @asynccontextmanager
 async def served(app: Starlette) -> AsyncIterator[str]:
-    """Serve ``app`` with uvicorn on a free local port; yield its base URL.
-
-    The socket is bound before the server starts, so requests made at once wait in the
-    listen backlog instead of failing, and nothing needs to poll for readiness.
-    """
-    import asyncio
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app,
-        lifespan="on",
-        http="h11",
-        ws="none",
-        log_config=None,
-        log_level="warning",
-        timeout_graceful_shutdown=5,
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
+    """Serve ``app`` with uvicorn on a free local port (agentsim's ``serve``); yield its
+    ``http://`` base URL."""
+    async with serve(app) as url:
+        yield "http" + url.removeprefix("ws")
 
 
 async def read_events(
