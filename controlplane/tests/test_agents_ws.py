@@ -22,7 +22,7 @@ from streamspace_controlplane.services import sessions as session_service
 from streamspace_controlplane.store.base import Store
 from streamspace_sdk.hooks import Principal
 from streamspace_sdk.platform import SessionSpec
-from streamspace_sdk.protocol import Command, CommandAck, Heartbeat, VncClose, dump_frame
+from streamspace_sdk.protocol import Command, CommandAck, Heartbeat, dump_frame
 
 ALICE = Principal(username="alice", role="user")
 
@@ -338,15 +338,15 @@ async def test_bad_frames_get_error_frames_and_the_connection_stays_usable(
     sim = await harness.agent("a1")
     spec = SessionSpec(session_id="s-x", generation=1, user="u", template="t")
     command = Command(command_id="c-1", session_id="s-x", generation=1, action="start", spec=spec)
-    cases: list[tuple[str | bytes | Command | CommandAck | VncClose, str]] = [
+    cases: list[tuple[str | bytes | Command | CommandAck, str]] = [
         ("this is not json", "not_json"),
         ("[1, 2]", "not_object"),
         ('{"command_id": "c-1"}', "missing_type"),
         ('{"type": "session.teleport"}', "unknown_type"),
         ('{"type": "command.ack"}', "invalid"),
-        (b"\x01\x00\x00\x00\x01vnc bytes", "unsupported"),
+        (b"\x02\x00\x00\x00\x01vnc bytes", "bad_kind"),
         (command, "unexpected"),
-        (VncClose(stream_id=1), "unsupported"),
+        (b"\x01\x00", "truncated"),
         (dump_frame(await sim.hello()), "unexpected"),
         (CommandAck(command_id="c-unknown"), "unknown_command"),
     ]

@@ -104,7 +104,7 @@ def test_missing_driver_names_group_name_and_installed():
 
 def test_missing_driver_in_empty_group_says_none():
     with pytest.raises(DriverNotFound, match="installed: none"):
-        drivers.load_driver(drivers.TRANSPORTS, "ws-mux")
+        drivers.load_driver("streamspace.nothing-here", "ws-mux")
 
 
 def test_extensions_inject_a_driver_without_entry_points():

@@ -16,6 +16,7 @@ from streamspace_controlplane.reconciler import Reconciler
 from streamspace_controlplane.routes import agents as agent_routes
 from streamspace_controlplane.routes import api as api_routes
 from streamspace_controlplane.routes import health as health_routes
+from streamspace_controlplane.routes import vnc as vnc_routes
 from streamspace_controlplane.scheduler import Scheduler
 from streamspace_controlplane.services import templates as template_service
 from streamspace_controlplane.services import users as user_service
@@ -82,7 +83,12 @@ def create_app(cp: ControlPlane) -> Starlette:
             await cp.store.close()
 
     app = Starlette(
-        routes=[*health_routes.routes(), *api_routes.routes(), *agent_routes.routes()],
+        routes=[
+            *health_routes.routes(),
+            *api_routes.routes(),
+            *agent_routes.routes(),
+            *vnc_routes.routes(),
+        ],
         exception_handlers=http.exception_handlers(),
         lifespan=lifespan,
     )

@@ -48,6 +48,25 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.vnc_bytes = Counter(
+            "streamspace_vnc_bytes",
+            "VNC bytes relayed, by session and direction (to_viewer, to_session).",
+            ["session_id", "direction"],
+            registry=self.registry,
+        )
+        self.vnc_viewers = Gauge(
+            "streamspace_vnc_viewers",
+            "Viewers connected to a session's VNC now.",
+            ["session_id"],
+            registry=self.registry,
+        )
+        self.vnc_stream_open = Histogram(
+            "streamspace_vnc_stream_open_seconds",
+            "From a viewer's accepted socket to the agent's stream open to the VNC server.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+
     def render(self) -> bytes:
         """Return the text exposition format."""
         return generate_latest(self.registry)

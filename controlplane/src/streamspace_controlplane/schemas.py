@@ -47,6 +47,7 @@ __all__ = [
     "TemplateUpdate",
     "UserCreate",
     "UserOut",
+    "VncTokenOut",
 ]
 
 USERNAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]*$"
@@ -428,3 +429,14 @@ class AgentTokenListQuery(ApiModel):
 
     agent_id: AgentId | None = None
     """Only this agent's tokens."""
+
+
+class VncTokenOut(ApiModel):
+    """A token for one VNC viewer socket: one session, one user, one use, 60 seconds."""
+
+    token: str
+    """Pass it as ``?token=`` to ``/vnc/{session_id}``; it is refused after one use."""
+    expires_at: AwareDatetime
+    """When it stops being accepted (UTC)."""
+    url: str
+    """The viewer socket's path with the token, relative to the control plane."""

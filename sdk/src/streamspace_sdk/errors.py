@@ -15,6 +15,7 @@ __all__ = [
     "SessionNotFound",
     "SessionVetoed",
     "StaleGeneration",
+    "StreamRefused",
     "StreamSpaceError",
 ]
 
@@ -86,3 +87,15 @@ class LeaseError(StreamSpaceError):
 
 class LeaseLost(LeaseError):
     """The caller no longer holds the lease it tried to renew."""
+
+
+class StreamRefused(StreamSpaceError, ConnectionError):
+    """A VNC stream could not be opened: the agent refused it, or its connection is gone.
+
+    Attributes:
+        reason: why, for people (the agent's ``vnc.close`` reason when it gave one).
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

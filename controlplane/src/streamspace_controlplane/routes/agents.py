@@ -34,7 +34,17 @@ from streamspace_controlplane.http import error_response
 from streamspace_controlplane.services import registry
 from streamspace_sdk._models import WireModel
 from streamspace_sdk.errors import ProtocolError
-from streamspace_sdk.protocol import AgentHello, Error, dump_frame, error_frame, parse_frame
+from streamspace_sdk.protocol import (
+    AgentHello,
+    Error,
+    VncClose,
+    VncCredit,
+    VncOpened,
+    dump_frame,
+    error_frame,
+    parse_frame,
+)
+from streamspace_sdk.transports.mux import MuxStreams
 
 __all__ = ["AGENT_PATHS", "HELLO_TIMEOUT_S", "AgentSocket", "routes"]
 
@@ -75,13 +85,19 @@ def _close_reason(reason: str) -> str:
 
 
 class AgentSocket:
-    """One registered agent's WebSocket, as the hub and the services see it."""
+    """One registered agent's WebSocket, as the hub and the services see it.
+
+    Its :attr:`mux` carries the VNC streams of the ``ws-mux`` transport: viewers open
+    streams on it, and the socket's reader hands it every binary and ``vnc.*`` frame.
+    """
 
     def __init__(self, websocket: WebSocket, agent_id: str, conn_id: str) -> None:
         self._ws = websocket
         self._agent_id = agent_id
         self._conn_id = conn_id
         self._lock = asyncio.Lock()
+        self.mux = MuxStreams(self)
+        """The VNC streams multiplexed on this socket."""
 
     @property
     def agent_id(self) -> str:
@@ -137,7 +153,10 @@ async def agent_socket(websocket: WebSocket, *, hello_timeout_s: float = HELLO_T
         except registry.Refused:
             conn = None  # it never became the agent's connection: nothing to clean up
             raise
-        await _serve(cp, websocket, conn)
+        try:
+            await _serve(cp, websocket, conn)
+        finally:
+            conn.mux.close_all("the agent's connection closed")
     except registry.Refused as exc:
         logger.info("Closing agent connection: %s", exc)
         with contextlib.suppress(WebSocketDisconnect, WebSocketDisconnected, OSError):
@@ -208,17 +227,20 @@ async def _serve(cp: ControlPlane, websocket: WebSocket, conn: AgentSocket) -> N
         reply: Error | None
         text = message.get("text")
         if text is None:
-            reply = Error(
-                code="unsupported",
-                message="binary frames carry VNC streams, which this control plane does not "
-                "accept yet",
-            )
+            try:
+                await conn.mux.receive_binary(message.get("bytes") or b"")
+                reply = None
+            except ProtocolError as exc:
+                reply = error_frame(exc)
         else:
             try:
                 frame = parse_frame(text)
             except ProtocolError as exc:
                 reply = error_frame(exc)
             else:
+                if isinstance(frame, VncOpened | VncClose | VncCredit):
+                    await conn.mux.receive(frame)
+                    continue
                 try:
                     reply = await registry.handle(cp, conn, frame)
                 except registry.Refused:

@@ -25,7 +25,7 @@ from streamspace_controlplane.http import (
 )
 from streamspace_controlplane.models import Template
 from streamspace_controlplane.openapi import Operation, build_document, build_routes
-from streamspace_controlplane.routes import events, health
+from streamspace_controlplane.routes import events, health, vnc
 from streamspace_controlplane.schemas import (
     AgentOut,
     AgentTokenCreated,
@@ -427,6 +427,7 @@ OPERATIONS: list[Operation] = [
         description="202 with the session while it stops; the record goes once it has stopped.",
     ),
     *events.OPERATIONS,
+    *vnc.OPERATIONS,
     # agents
     Operation(
         "GET",

@@ -261,8 +261,8 @@ async def handle(cp: ControlPlane, conn: AgentConnection, frame: Frame) -> Error
     if isinstance(frame, VncOpened | VncClose | VncCredit):
         return Error(
             code="unsupported",
-            message=f"{frame.type}: this control plane opens no VNC streams over the agent "
-            "socket yet",
+            message=f"{frame.type} belongs to a VNC stream, which the agent socket's "
+            "streams handle, not the registry",
             ref=frame.type,
         )
     if isinstance(frame, AgentHello):

@@ -28,9 +28,9 @@ FORBIDDEN = 4403
 TIMED_OUT = 4408
 """No hello, or no heartbeat, in time."""
 STALE_EPOCH = 4409
-"""A newer lease holder of the same agent id registered."""
-DUPLICATE = 4429
 """The fencing epoch is below the highest the control plane has seen for the agent id."""
+DUPLICATE = 4429
+"""Another live process with the same agent id is connected."""
 
 
 @dataclass(frozen=True)

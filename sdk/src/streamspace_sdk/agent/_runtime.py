@@ -24,6 +24,7 @@ from streamspace_sdk.agent._commands import CommandRunner
 from streamspace_sdk.agent._health import HealthServer
 from streamspace_sdk.agent._outcomes import Outcome, closed, refused_http
 from streamspace_sdk.agent._status import StatusReporter
+from streamspace_sdk.agent._vnc import SocketLink, VncRelay
 from streamspace_sdk.clock import Clock
 from streamspace_sdk.elector import LeaderElector
 from streamspace_sdk.errors import ConfigError, LeaseLost, ProtocolError
@@ -187,6 +188,7 @@ class Agent:
             send=self._send,
             busy=lambda session_id: self._runner.busy(session_id),
         )
+        self._vnc = VncRelay(self.platform, settings.vnc_transport)
         self._runner = CommandRunner(
             platform=self.platform,
             hooks=self.hooks,
@@ -225,6 +227,16 @@ class Agent:
     def unsent_results(self) -> int:
         """How many command results wait for a connection to be sent on."""
         return len(self._runner.unsent)
+
+    @property
+    def vnc_streams_requested(self) -> int:
+        """How many ``vnc.open`` frames the control plane has sent, served or not."""
+        return self._vnc.requested
+
+    @property
+    def vnc_streams_open(self) -> int:
+        """How many VNC streams are connected to a session's VNC server now."""
+        return self._vnc.active
 
     @property
     def health_port(self) -> int | None:
@@ -528,6 +540,7 @@ class Agent:
             registered_at = loop.time()
             self._ws = ws
             self._connection_id = welcome.connection_id
+            self._vnc.attach(SocketLink(ws, self.url))
             interval = min(welcome.heartbeat_interval_s, self.settings.heartbeat_interval)
             logger.info("Agent registered successfully with Control Plane")
             logger.info("WebSocket connection established (connection %s)", welcome.connection_id)
@@ -564,6 +577,7 @@ class Agent:
             )
             return Outcome("no agent.welcome from the control plane")
         finally:
+            await self._vnc.detach("the connection to the control plane closed")
             for task in tasks:
                 task.cancel()
             if tasks:
@@ -595,7 +609,11 @@ class Agent:
         while True:
             message = await ws.recv()
             if isinstance(message, bytes):
-                logger.debug("Ignored a binary frame: this agent opens no VNC streams yet")
+                try:
+                    await self._vnc.receive_binary(message)
+                except ProtocolError as exc:
+                    logger.warning("Refused a binary frame from the control plane: %s", exc)
+                    await self._send(error_frame(exc))
                 continue
             try:
                 frame = parse_frame(message)
@@ -644,14 +662,9 @@ class Agent:
         elif isinstance(frame, Error):
             self._log_error(frame)
         elif isinstance(frame, VncOpen):
-            await self._send(
-                VncClose(
-                    stream_id=frame.stream_id,
-                    reason="this agent carries no VNC streams over its control socket yet",
-                )
-            )
+            self._vnc.open(frame)
         elif isinstance(frame, VncClose | VncCredit | VncOpened):
-            logger.debug("Ignored %s: no VNC streams are open", frame.type)
+            await self._vnc.receive(frame)
         else:
             logger.warning(
                 "Refused a frame of type %s: the control plane does not send it", frame.type

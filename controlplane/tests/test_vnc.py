@@ -1,0 +1,467 @@
+"""The VNC path end to end: viewer → ``/vnc/{id}`` → agent (``ws-mux``) → a real Xvnc.
+
+A real control plane on uvicorn, a real :class:`~streamspace_sdk.Agent` with the ``process``
+platform, real Xvnc sessions, and a small RFB client speaking over the ``websockets``
+client (subprotocol ``binary``) and, for comparison, over TCP straight to the VNC port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+from agentsim import Harness, eventually, fast_settings, serve_control_plane
+from apikit import bearer, isolate
+from pydantic import SecretStr
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.typing import Subprotocol
+
+from streamspace_controlplane.services.vnc import VncTokens
+from streamspace_controlplane.store.base import Store
+from streamspace_sdk import Agent, AgentSettings
+from streamspace_sdk.agent import Backoff
+from streamspace_sdk.hooks import Hooks, make_plugin_manager
+from streamspace_sdk.platforms import ProcessPlatform
+from streamspace_sdk.settings import PluginSettings
+
+AGENT_ID = "vnc-agent"
+ADMIN_PASSWORD = "admin-password-for-tests"
+USER_PASSWORD = "user-password-1"
+RFB_VERSION = b"RFB 003.008\n"
+
+
+@pytest.fixture(autouse=True)
+def _xvnc() -> None:
+    """Fail, never skip, without a real Xvnc: the README's test command installs it."""
+    if shutil.which("Xvnc") is None or shutil.which("xterm") is None:
+        pytest.fail("Xvnc or xterm missing: apt-get install tigervnc-standalone-server xterm")
+
+
+# -- a minimal RFB 3.8 client --------------------------------------------------------------
+
+
+class _Io:
+    """Read exactly / write, over a WebSocket or a TCP connection."""
+
+    def __init__(
+        self,
+        recv: Callable[[], Awaitable[bytes]],
+        send: Callable[[bytes], Awaitable[None]],
+    ) -> None:
+        self._recv = recv
+        self._send = send
+        self._buffer = bytearray()
+
+    async def read(self, size: int) -> bytes:
+        while len(self._buffer) < size:
+            chunk = await self._recv()
+            if not chunk:
+                raise EOFError(f"closed after {len(self._buffer)} of {size} bytes")
+            self._buffer += chunk
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
+
+    async def write(self, data: bytes) -> None:
+        await self._send(data)
+
+
+def _ws_io(ws: ClientConnection) -> _Io:
+    async def recv() -> bytes:
+        message = await ws.recv()
+        assert isinstance(message, bytes), "VNC bytes must come in binary frames"
+        return message
+
+    return _Io(recv, ws.send)
+
+
+@dataclass
+class Screen:
+    """What an RFB handshake and one full framebuffer update gave."""
+
+    banner: bytes
+    server_init: bytes
+    pixels: bytes
+
+    @property
+    def size(self) -> tuple[int, int]:
+        width, height = struct.unpack(">HH", self.server_init[:4])
+        return width, height
+
+
+async def rfb_handshake(io: _Io) -> tuple[bytes, bytes]:
+    """Version, SecurityType None, ClientInit; return the banner and the ServerInit."""
+    banner = await io.read(12)
+    await io.write(RFB_VERSION)
+    count = (await io.read(1))[0]
+    assert count > 0, await io.read(int.from_bytes(await io.read(4)))
+    types = await io.read(count)
+    assert 1 in types, f"security types {list(types)} lack None (1)"
+    await io.write(b"\x01")
+    assert await io.read(4) == b"\0\0\0\0", "security handshake failed"
+    await io.write(b"\x01")  # ClientInit: share the desktop
+    head = await io.read(24)
+    name = await io.read(int.from_bytes(head[20:24]))
+    return banner, head + name
+
+
+async def framebuffer(io: _Io, server_init: bytes) -> bytes:
+    """Ask for the whole screen in raw encoding and return its pixels, row by row."""
+    width, height = struct.unpack(">HH", server_init[:4])
+    bytes_per_pixel = server_init[4] // 8
+    await io.write(struct.pack(">BxHi", 2, 1, 0))  # SetEncodings: raw only
+    await io.write(struct.pack(">BBHHHH", 3, 0, 0, 0, width, height))
+    screen = bytearray(width * height * bytes_per_pixel)
+    while True:
+        kind = (await io.read(1))[0]
+        if kind == 0:
+            break
+        assert kind == 2, f"unexpected server message {kind} before the update"  # Bell
+    (rects,) = struct.unpack(">xH", await io.read(3))
+    for _ in range(rects):
+        x, y, w, h, encoding = struct.unpack(">HHHHi", await io.read(12))
+        assert encoding == 0, f"asked for raw, got encoding {encoding}"
+        data = await io.read(w * h * bytes_per_pixel)
+        row = w * bytes_per_pixel
+        for line in range(h):
+            start = ((y + line) * width + x) * bytes_per_pixel
+            screen[start : start + row] = data[line * row : (line + 1) * row]
+    return bytes(screen)
+
+
+async def screen_of(io: _Io) -> Screen:
+    banner, server_init = await rfb_handshake(io)
+    return Screen(banner, server_init, await framebuffer(io, server_init))
+
+
+# -- the environment -----------------------------------------------------------------------
+
+
+@dataclass
+class Env:
+    harness: Harness
+    agent: Agent
+    platform: ProcessPlatform
+    http: httpx.AsyncClient
+    admin: dict[str, str]
+    alice: dict[str, str]
+    bob: dict[str, str]
+    session_id: str
+    """Alice's running session."""
+
+    @property
+    def ws_base(self) -> str:
+        return self.harness.url
+
+    async def start_session(self, headers: dict[str, str]) -> str:
+        response = await self.http.post(
+            "/api/v1/sessions", json={"template": "desktop"}, headers=headers
+        )
+        assert response.status_code == 201, response.text
+        session_id: str = response.json()["id"]
+        await self.harness.wait_state(session_id, "running", timeout_s=30)
+        return session_id
+
+    async def token(
+        self, session_id: str | None = None, headers: dict[str, str] | None = None
+    ) -> str:
+        response = await self.vnc_token(session_id, headers)
+        assert response.status_code == 201, response.text
+        body = response.json()
+        assert body["url"] == f"/vnc/{session_id or self.session_id}?token={body['token']}"
+        token: str = body["token"]
+        return token
+
+    async def vnc_token(
+        self, session_id: str | None = None, headers: dict[str, str] | None = None
+    ) -> httpx.Response:
+        return await self.http.post(
+            f"/api/v1/sessions/{session_id or self.session_id}/vnc-token",
+            headers=self.alice if headers is None else headers,
+        )
+
+    def viewer(self, token: str | None, session_id: str | None = None, **options: Any) -> Any:
+        query = "" if token is None else f"?token={token}"
+        return connect(
+            f"{self.ws_base}/vnc/{session_id or self.session_id}{query}",
+            subprotocols=[Subprotocol("binary")],
+            compression=None,
+            max_size=None,
+            **options,
+        )
+
+    async def vnc_port(self, session_id: str | None = None) -> int:
+        status = await self.platform.status(session_id or self.session_id)
+        assert status is not None
+        assert status.vnc is not None
+        return status.vnc.port
+
+    def sample(self, name: str, **labels: str) -> float:
+        value = self.harness.cp.metrics.registry.get_sample_value(name, labels)
+        return value or 0.0
+
+
+async def _login(http: httpx.AsyncClient, username: str, password: str) -> dict[str, str]:
+    response = await http.post(
+        "/api/v1/auth/login", json={"username": username, "password": password}
+    )
+    assert response.status_code == 200, response.text
+    return bearer(response.json()["token"])
+
+
+@contextlib.asynccontextmanager
+async def environment(store: Store, tmp_path: Path, **overrides: Any) -> AsyncIterator[Env]:
+    settings = fast_settings(tmp_path / "home", **overrides)
+    async with serve_control_plane(settings, store) as harness:
+        base = "http" + harness.url.removeprefix("ws")
+        async with httpx.AsyncClient(base_url=base) as http:
+            admin = await _login(http, "admin", ADMIN_PASSWORD)
+            for user in ("alice", "bob"):
+                created = await http.post(
+                    "/api/v1/users",
+                    json={"username": user, "password": USER_PASSWORD},
+                    headers=admin,
+                )
+                assert created.status_code == 201, created.text
+            await harness.template("desktop")
+            platform = ProcessPlatform(
+                ProcessPlatform.Settings(
+                    process_state_dir=tmp_path / "state",
+                    process_start_timeout=15.0,
+                    process_stop_timeout=1.0,
+                ),
+                agent_id=AGENT_ID,
+            )
+            agent = Agent(
+                AgentSettings(
+                    agent_id=AGENT_ID,
+                    control_plane_url=harness.url,
+                    agent_token=SecretStr(await harness.token(AGENT_ID)),
+                    health_port=0,
+                ),
+                platform,
+                hooks=Hooks(
+                    make_plugin_manager(
+                        settings=PluginSettings(streamspace_load_plugins=""),
+                        load_entrypoints=False,
+                    )
+                ),
+                backoff=Backoff(base_s=0.01, cap_s=0.05, reset_after_s=60.0),
+            )
+            task = asyncio.create_task(agent.serve())
+            try:
+                env = Env(
+                    harness=harness,
+                    agent=agent,
+                    platform=platform,
+                    http=http,
+                    admin=admin,
+                    alice=await _login(http, "alice", USER_PASSWORD),
+                    bob=await _login(http, "bob", USER_PASSWORD),
+                    session_id="",
+                )
+                env.session_id = await env.start_session(env.alice)
+                yield env
+            finally:
+                await agent.stop()
+                await task
+                for status in await platform.list_sessions():
+                    await platform.stop(status.session_id, status.generation + 1)
+
+
+@pytest_asyncio.fixture
+async def env(
+    sqlite_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Env]:
+    isolate(monkeypatch)
+    for name in AgentSettings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+    async with environment(sqlite_store, tmp_path) as made:
+        yield made
+
+
+# -- the tests -----------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_rfb_through_the_proxy_equals_a_direct_connection(env: Env) -> None:
+    """Banner, ServerInit and a full framebuffer match what the VNC port gives directly.
+
+    The desktop may still be drawing (xterm's shell prompt), so screenshots are compared
+    once two direct ones taken around the proxied one agree.
+    """
+    reader, writer = await asyncio.open_connection("127.0.0.1", await env.vnc_port())
+
+    async def tcp_send(data: bytes) -> None:
+        writer.write(data)
+        await writer.drain()
+
+    sid = env.session_id
+    try:
+        tcp = _Io(lambda: reader.read(65536), tcp_send)
+        direct = await screen_of(tcp)
+        async with env.viewer(await env.token()) as ws:
+            assert ws.subprotocol == "binary"
+            viewer = _ws_io(ws)
+            proxied = await screen_of(viewer)
+            assert env.sample("streamspace_vnc_viewers", session_id=sid) == 1
+            for _ in range(50):
+                before = await framebuffer(tcp, direct.server_init)
+                through = await framebuffer(viewer, proxied.server_init)
+                after = await framebuffer(tcp, direct.server_init)
+                if before == after:
+                    break
+            else:
+                pytest.fail("the desktop never held still for three screenshots")
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+    assert proxied.banner == direct.banner == RFB_VERSION
+    assert proxied.server_init == direct.server_init
+    width, height = proxied.size
+    assert width > 0
+    assert height > 0
+    assert through == before
+    assert any(through), "the desktop is blank"
+    assert env.sample("streamspace_vnc_bytes_total", session_id=sid, direction="to_viewer") >= (
+        2 * len(through)
+    )
+    assert env.sample("streamspace_vnc_bytes_total", session_id=sid, direction="to_session") > 0
+    assert env.sample("streamspace_vnc_stream_open_seconds_count") == 1
+    assert env.agent.vnc_streams_requested == 1
+
+
+async def _refused(
+    env: Env, token: str | None, session_id: str | None = None, **options: Any
+) -> int:
+    with pytest.raises(InvalidStatus) as caught:
+        async with env.viewer(token, session_id, **options):
+            pass
+    status: int = caught.value.response.status_code
+    return status
+
+
+@pytest.mark.asyncio
+async def test_bad_tokens_and_foreign_origins_are_refused_before_the_agent_hears(
+    env: Env,
+) -> None:
+    now = [time.time()]
+    env.harness.cp.extras["vnc.tokens"] = VncTokens(clock=lambda: now[0])
+    bobs_session = await env.start_session(env.bob)
+
+    assert await _refused(env, None) == 403
+    assert await _refused(env, "not-a-token") == 403
+
+    expired = await env.token()
+    now[0] += 61
+    assert await _refused(env, expired) == 403
+
+    bobs = await env.token(bobs_session, env.bob)
+    assert await _refused(env, bobs) == 403  # bob's token, alice's session
+    assert await _refused(env, bobs, bobs_session) == 403  # used up by the attempt
+
+    good = await env.token()
+    assert await _refused(env, good, origin="https://evil.example") == 403
+    assert env.agent.vnc_streams_requested == 0
+
+    # The refused Origin did not use the token up; the same host is always allowed.
+    host = env.ws_base.removeprefix("ws://")
+    async with env.viewer(good, origin=f"http://{host}") as ws:
+        banner, _ = await rfb_handshake(_ws_io(ws))
+        assert banner == RFB_VERSION
+    assert env.agent.vnc_streams_requested == 1
+    assert await _refused(env, good) == 403  # reused
+    assert env.agent.vnc_streams_requested == 1
+
+
+@pytest.mark.asyncio
+async def test_token_endpoint_checks_owner_and_state(env: Env) -> None:
+    no_auth = await env.http.post(f"/api/v1/sessions/{env.session_id}/vnc-token")
+    assert no_auth.status_code == 401
+    assert (await env.vnc_token(headers=env.bob)).status_code == 404
+    by_admin = await env.vnc_token(headers=env.admin)
+    assert by_admin.status_code == 201
+    assert by_admin.headers["cache-control"] == "no-store"
+    stopped = await env.http.patch(
+        f"/api/v1/sessions/{env.session_id}", json={"state": "stopped"}, headers=env.alice
+    )
+    assert stopped.status_code == 200, stopped.text
+    await env.harness.wait_state(env.session_id, "stopped")
+    refused = await env.vnc_token()
+    assert refused.status_code == 409
+    assert refused.json()["error"]["code"] == "session_not_running"
+    document = (await env.http.get("/api/v1/openapi.json")).json()
+    assert "post" in document["paths"]["/api/v1/sessions/{session_id}/vnc-token"]
+
+
+@pytest.mark.asyncio
+async def test_two_viewers_get_separate_streams_and_closing_one_closes_its_tcp(
+    env: Env,
+) -> None:
+    async with env.viewer(await env.token()) as first, env.viewer(await env.token()) as second:
+        one, two = _ws_io(first), _ws_io(second)
+        screens = await asyncio.gather(screen_of(one), screen_of(two))
+        assert screens[0].server_init == screens[1].server_init
+        assert env.agent.vnc_streams_open == 2
+        assert env.sample("streamspace_vnc_viewers", session_id=env.session_id) == 2
+        await first.close()
+
+        async def one_left() -> bool:
+            return env.agent.vnc_streams_open == 1
+
+        await eventually(one_left)
+        # The second viewer is untouched: it gets another full update.
+        again = await framebuffer(two, screens[1].server_init)
+        assert len(again) == len(screens[1].pixels)
+
+    async def all_closed() -> bool:
+        return env.agent.vnc_streams_open == 0 and not env.sample(
+            "streamspace_vnc_viewers", session_id=env.session_id
+        )
+
+    await eventually(all_closed)
+    assert env.agent.vnc_streams_requested == 2
+
+
+@pytest.mark.asyncio
+async def test_idle_viewer_is_closed_after_the_proxy_timeout(
+    sqlite_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    isolate(monkeypatch)
+    async with environment(sqlite_store, tmp_path, vnc_proxy_timeout="300ms") as env:
+        async with env.viewer(await env.token()) as ws:
+            assert await ws.recv() == RFB_VERSION
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 10)
+            assert ws.close_code == 4408
+            assert ws.close_reason == "idle for 0.3s"
+
+        async def released() -> bool:
+            return env.agent.vnc_streams_open == 0
+
+        await eventually(released)
+
+
+@pytest.mark.asyncio
+async def test_stream_to_a_session_the_agent_lost_is_closed_with_the_reason(env: Env) -> None:
+    """The agent refuses (its session is gone behind the control plane's back)."""
+    token = await env.token()
+    await env.platform.stop(env.session_id, 99)
+    async with env.viewer(token) as ws:
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 10)
+        assert ws.close_code == 1011
+        assert env.session_id in (ws.close_reason or "")
+    assert env.agent.vnc_streams_requested == 1
