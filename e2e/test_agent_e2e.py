@@ -242,12 +242,6 @@ async def test_second_process_with_the_same_agent_id_is_refused(
     assert not set(until_stop) & {*NEVER, "lost"}, watch.history()
 
 
-@pytest.mark.xfail(
-    reason="bug: once the second process has taken over, the first one, back with the "
-    "running sessions, is refused (4429) forever; its sessions are marked failed, and a stop "
-    "goes to the second process, which reports stopped while the desktop keeps running",
-    strict=True,
-)
 async def test_second_process_taking_over_never_strands_the_first_ones_sessions(
     admin: httpx.AsyncClient, agents: Agents, agent: Agent
 ) -> None:
@@ -258,7 +252,8 @@ async def test_second_process_taking_over_never_strands_the_first_ones_sessions(
         assert not await registered_or_refused(second)
         # The first process goes away for a while (maintenance, a slow redeploy): by design
         # its sessions keep running, for it to adopt when it is back. Meanwhile the second
-        # one retries, 30 s after its refusal (today it is let in and reports no sessions).
+        # one retries, 30 s after its refusal, and is refused again: the session lives where
+        # the first one ran.
         agent.stop()
         assert group_alive(pgid)
         await registered_or_refused(second, refusals=2)

@@ -230,6 +230,37 @@ async def test_second_process_of_an_agent_is_refused_while_the_first_lives(
 
 
 @pytest.mark.asyncio
+async def test_agent_of_another_scope_is_refused_while_sessions_live_where_it_ran(
+    harness: Harness,
+) -> None:
+    """Moving an AGENT_ID to another host would strand its sessions: a process of another
+    scope that does not report them is refused even after the first one disconnected; the
+    first one, back with them, is welcome and they stay running."""
+    first = await harness.agent("a1", connect=False)
+    await first.connect(instance_id="host-a")
+    await harness.template()
+    session = await harness.session()
+    await harness.wait_state(session.id, "running")
+    await first.close()
+
+    async def offline() -> bool:
+        agent = await harness.cp.store.get_agent("a1")
+        return agent is not None and agent.status == "offline"
+
+    await eventually(offline)
+    elsewhere = await harness.agent("a1", connect=False)
+    with pytest.raises(Refused) as refused:
+        await elsewhere.connect(instance_id="host-b")
+    assert refused.value.code == 4429
+    assert "1 session(s) live where this agent last ran" in refused.value.reason
+
+    back = await harness.agent("a1", connect=False, state=first.state)
+    await back.connect(instance_id="host-a")
+    current = await harness.wait_state(session.id, "running")
+    assert current.agent_id == "a1"
+
+
+@pytest.mark.asyncio
 async def test_reconnect_while_old_socket_heartbeats_never_marks_agent_offline(
     store: Store, tmp_path: Path
 ) -> None:

@@ -631,14 +631,14 @@ async def test_stale_epoch_without_ha_keeps_retrying(logs: pytest.LogCaptureFixt
 @pytest.mark.asyncio
 async def test_duplicate_refusal_is_logged_and_retried(logs: pytest.LogCaptureFixture) -> None:
     """4429: another live process holds this AGENT_ID; logged, retried, and the hello
-    carries this process's instance id so a reconnect of the same process is told apart."""
+    carries the platform's scope so the control plane can tell the two apart."""
     async with FakeControlPlane(token=TOKEN) as fake:
         fake.refuse_registration(4429, "already connected from another process", times=1)
         agent = make_agent(fake)
         async with running(agent):
             await fake.wait_registered()
     assert fake.connections[0].close_code == 4429
-    assert {h.instance_id for h in fake.hellos} == {agent.identity}
+    assert {h.instance_id for h in fake.hellos} == {agent.platform.instance_scope()}
     assert any(
         "another agent process with the same AGENT_ID (agent-1) is connected" in m
         for m in messages(logs, logging.ERROR)

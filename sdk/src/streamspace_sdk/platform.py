@@ -9,6 +9,7 @@ labels, and capability checks.
 from __future__ import annotations
 
 import asyncio
+import socket
 from abc import ABC, abstractmethod
 from datetime import UTC, datetime
 from typing import ClassVar, Literal
@@ -250,6 +251,16 @@ class Platform(ABC):
 
     async def close(self) -> None:
         """Release clients and files; sessions keep running."""
+
+    def instance_scope(self) -> str:
+        """Return where this platform's sessions live (by default, this host's name).
+
+        Two agent processes with the same scope manage the same sessions, so one may
+        replace the other; the control plane refuses a process of another scope while the
+        agent's sessions live elsewhere. Drivers whose sessions live in a shared place (a
+        cluster namespace, a state directory) say so here.
+        """
+        return socket.gethostname()
 
     def labelled(self, spec: SessionSpec) -> SessionSpec:
         """Return ``spec`` with the standard labels set (they win over template labels)."""

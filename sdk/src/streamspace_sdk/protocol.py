@@ -98,9 +98,10 @@ class AgentHello(WireModel):
     transports: list[str] = Field(default_factory=list)
     """VNC transports the agent can use, preferred first."""
     instance_id: str = ""
-    """Id of this agent process (host name and a random suffix). A reconnect of the same
-    process replaces its old socket; another process with the same ``agent_id`` and no
-    higher fencing epoch is refused while the first is alive."""
+    """Where the agent's sessions live (``Platform.instance_scope()``: a host, a host and
+    state directory, a cluster). A process of the same scope replaces the old socket; one
+    of another scope with no higher fencing epoch is refused while the first is alive or
+    the agent's sessions live in the first one's scope."""
     lease_holder: str | None = None
     """Lease holder identity when HA is on."""
     fencing_epoch: int = Field(default=0, ge=0)

@@ -96,38 +96,55 @@ def heartbeat_interval_s(cp: ControlPlane) -> float:
     return cp.settings.agent_heartbeat_timeout / 3
 
 
-async def _refuse_duplicate(cp: ControlPlane, hello: AgentHello, now: datetime) -> None:
-    """Refuse a second process of an agent while the first is connected here and alive.
+_HELD_STATES = ("scheduled", "starting", "running", "stopping", "hibernated", "lost")
+"""States in which a session lives on its agent's host, so moving the agent would strand it."""
 
-    A reconnect of the same process (same ``instance_id``) or a new lease holder (higher
-    fencing epoch) replaces the old socket; anything else would split the agent's sessions
-    between two hosts, so it waits until the first one is gone.
+
+async def _refuse_duplicate(cp: ControlPlane, hello: AgentHello, now: datetime) -> None:
+    """Refuse a process of another scope that would split or strand the agent's sessions.
+
+    A process of the same scope (``instance_id``: where the sessions live) or a new lease
+    holder (higher fencing epoch) replaces the old socket. A process of another scope is
+    refused while the connected one is alive, and while sessions the control plane places
+    on this agent are not among those it reports: they live where the first one ran, and
+    taking over would mark them failed while their desktops run on.
     """
-    live = cp.hub.local(hello.agent_id)
-    if live is None:
-        return
     known = await cp.store.get_agent(hello.agent_id)
-    if known is None or known.status != "online" or known.websocket_conn_id != live.conn_id:
+    if known is None:
         return
     instance = known.metadata.get("instance_id") or ""
     if not instance or not hello.instance_id or instance == hello.instance_id:
         return
     if hello.fencing_epoch > known.fencing_epoch:
         return
+    live = cp.hub.local(hello.agent_id)
     timeout = timedelta(seconds=cp.settings.agent_heartbeat_timeout)
-    if known.last_heartbeat is None or now - known.last_heartbeat >= timeout:
+    alive = (
+        live is not None
+        and known.status == "online"
+        and known.websocket_conn_id == live.conn_id
+        and known.last_heartbeat is not None
+        and now - known.last_heartbeat < timeout
+    )
+    reported = {s.session_id for s in hello.sessions}
+    held, _total = await cp.store.list_sessions(
+        agent_id=hello.agent_id, states=_HELD_STATES, limit=1000
+    )
+    stranded = [s.id for s in held if s.id not in reported]
+    if not alive and not stranded:
         return
+    if alive:
+        reason = "already connected from another process; run one per AGENT_ID or use HA"
+    else:
+        reason = f"{len(stranded)} session(s) live where this agent last ran; start it there"
     logger.warning(
-        "Refused a second process of agent %s (instance %s): instance %s is connected",
+        "Refused agent %s from %s (it last ran at %s): %s",
         hello.agent_id,
         hello.instance_id,
         instance,
+        reason,
     )
-    raise Refused(
-        CLOSE_DUPLICATE,
-        f"agent {hello.agent_id!r} is already connected from another process; run one "
-        "process per AGENT_ID or turn ENABLE_HA on",
-    )
+    raise Refused(CLOSE_DUPLICATE, reason)
 
 
 async def register(

@@ -726,7 +726,7 @@ class Agent:
             usage=await self.platform.usage(),
             agent_version=_agent_version(),
             transports=[self.settings.vnc_transport],
-            instance_id=self.identity,
+            instance_id=self.platform.instance_scope(),
             lease_holder=holder,
             fencing_epoch=epoch,
             sessions=sessions,

@@ -254,6 +254,10 @@ class ProcessPlatform(Platform):
 
     # -- checks ------------------------------------------------------------------------------
 
+    def instance_scope(self) -> str:
+        """This host and the state directory: processes sharing both share sessions."""
+        return f"{socket.gethostname()}:{self.state_dir.resolve()}"
+
     async def check(self) -> None:
         """Fail now, saying what to install or fix, if sessions with the default command
         could not start: ``Xvnc`` or ``xterm`` missing, or the state directory not writable.
