@@ -23,7 +23,8 @@ Ratios are to websockify. Last, one viewer reads slowly (``--slow-kib-s``) while
 reads a ``--memory-mib`` stream at full speed through our path, and the control plane's
 resident memory is sampled throughout; its peak is printed (VmHWM included).
 
-Usage: ``python bench/vnc_relay.py [--stream-mib 64] [--echoes 2000] [--repeat 3]``.
+Usage: ``pip install websockify`` (the baseline), then
+``python bench/vnc_relay.py [--stream-mib 64] [--echoes 2000] [--repeat 3]``.
 """
 
 from __future__ import annotations
