@@ -20,8 +20,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import socket
-import statistics
 import sys
 import tempfile
 import time
@@ -29,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from _common import free_port, proc_status_mib, quantiles
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "controlplane" / "tests"))
@@ -36,26 +35,6 @@ sys.path.insert(0, str(ROOT / "controlplane" / "tests"))
 from agentsim import AgentSim  # noqa: E402
 
 ADMIN_PASSWORD = "bench-admin-password"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def quantiles(values: list[float]) -> tuple[float, float]:
-    ordered = sorted(values)
-    p50 = statistics.median(ordered)
-    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
-    return p50, p99
 
 
 async def wait_ready(client: httpx.AsyncClient, proc: asyncio.subprocess.Process) -> None:
@@ -115,7 +94,7 @@ async def run(args: argparse.Namespace) -> None:
                 r.raise_for_status()
                 return str(r.json()["token"])
 
-            rss_idle = rss_mib(server.pid)
+            rss_idle = proc_status_mib(server.pid)
             t = time.perf_counter()
             tokens = await in_batches([token(i) for i in range(args.agents)], 50)
             sims = [
@@ -185,7 +164,7 @@ async def run(args: argparse.Namespace) -> None:
                     await waiter
                     to_agent.append(d_agent)
 
-            rss = rss_mib(server.pid)
+            rss = proc_status_mib(server.pid)
             beats = sum(s.beats for s in sims) - beats_before
             h50, h99 = quantiles(health)
             a50, a99 = quantiles(to_agent)

@@ -29,8 +29,6 @@ import json
 import os
 import shutil
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +36,7 @@ import time
 from pathlib import Path
 
 import httpx
+from _common import base_env, free_port, quantiles, stop_process
 
 from streamspace_sdk.platform import SessionSpec
 from streamspace_sdk.platforms.process import ProcessPlatform
@@ -45,24 +44,6 @@ from streamspace_sdk.platforms.process import ProcessPlatform
 ADMIN_PASSWORD = "bench-admin-password"
 AGENT_ID = "bench-agent"
 TEMPLATE = {"name": "desktop", "display_name": "Desktop", "platform": "process"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def quantiles(values: list[float]) -> tuple[float, float]:
-    ordered = sorted(values)
-    p50 = statistics.median(ordered)
-    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
-    return p50, p99
-
-
-def base_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("STREAMSPACE_", "DB_"))}
-    return env | {"STREAMSPACE_LOAD_PLUGINS": "", "LOG_LEVEL": "WARNING"}
 
 
 async def wait_ready(url: str, proc: asyncio.subprocess.Process, what: str) -> None:
@@ -75,16 +56,6 @@ async def wait_ready(url: str, proc: asyncio.subprocess.Process, what: str) -> N
                     return
             await asyncio.sleep(0.1)  # a separate process: nothing to await but its port
     raise SystemExit(f"{what} did not become ready in 60 s")
-
-
-async def stop_process(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        proc.terminate()
-        try:
-            await asyncio.wait_for(proc.wait(), 30)
-        except TimeoutError:
-            proc.kill()
-    await proc.wait()
 
 
 def kill_leftover_sessions(state_dir: Path) -> None:

@@ -35,7 +35,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import statistics
 import struct
 import subprocess
@@ -47,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from _common import base_env, free_port, proc_status_mib, quantiles, stop_process
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
@@ -60,35 +60,10 @@ BLAST_CHUNK = MIB
 SCRIPT = str(Path(__file__).resolve())
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def quantiles(values: list[float]) -> tuple[float, float]:
-    ordered = sorted(values)
-    p50 = statistics.median(ordered)
-    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
-    return p50, p99
-
-
-def proc_status_mib(pid: int, field: str) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def reset_peak_rss(pid: int) -> None:
     """Reset the process's VmHWM (Linux ``clear_refs`` 5), so it covers what follows only."""
     with contextlib.suppress(OSError):
         Path(f"/proc/{pid}/clear_refs").write_text("5")
-
-
-def base_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("STREAMSPACE_", "DB_"))}
-    return env | {"STREAMSPACE_LOAD_PLUGINS": "", "LOG_LEVEL": "WARNING"}
 
 
 # -- the target (its own process) ----------------------------------------------------------
@@ -331,16 +306,6 @@ async def port_open(port: int) -> bool:
     _, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.close()
     return True
-
-
-async def stop_process(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        proc.terminate()
-        try:
-            await asyncio.wait_for(proc.wait(), 30)
-        except TimeoutError:
-            proc.kill()
-    await proc.wait()
 
 
 async def run(args: argparse.Namespace) -> None:

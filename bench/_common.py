@@ -1,0 +1,49 @@
+"""What the benchmarks share: ports, percentiles, process memory, child processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import statistics
+from pathlib import Path
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that is free now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def quantiles(values: list[float]) -> tuple[float, float]:
+    """Return the p50 and p99 of ``values``."""
+    ordered = sorted(values)
+    p50 = statistics.median(ordered)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return p50, p99
+
+
+def proc_status_mib(pid: int, field: str = "VmRSS") -> float:
+    """Return a memory field of ``/proc/<pid>/status`` (``VmRSS``, ``VmHWM``) in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def base_env() -> dict[str, str]:
+    """The environment for a benchmark's servers: ours, without StreamSpace or DB settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STREAMSPACE_", "DB_"))}
+    return env | {"STREAMSPACE_LOAD_PLUGINS": "", "LOG_LEVEL": "WARNING"}
+
+
+async def stop_process(proc: asyncio.subprocess.Process) -> None:
+    """Terminate a child, killing it if it has not exited in 30 s."""
+    if proc.returncode is None:
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 30)
+        except TimeoutError:
+            proc.kill()
+    await proc.wait()
