@@ -23,6 +23,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import pytest_asyncio
+from agentsim import Harness, fast_settings, serve_control_plane
+from apikit import isolate
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streamspace_controlplane.store.base import Store, StoreError
@@ -253,3 +255,16 @@ async def sqlite_store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
         yield built
     finally:
         await built.close()
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the machine's environment out of every test (see ``apikit.isolate``)."""
+    isolate(monkeypatch)
+
+
+@pytest_asyncio.fixture
+async def harness(store: Store, tmp_path: Path) -> AsyncIterator[Harness]:
+    """A served control plane on ``store`` with fast intervals, and its simulated agents."""
+    async with serve_control_plane(fast_settings(tmp_path), store) as h:
+        yield h

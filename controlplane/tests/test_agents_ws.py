@@ -7,14 +7,11 @@ client connection.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 from agentsim import AgentSim, Closed, Harness, Refused, eventually, fast_settings
 from agentsim import serve_control_plane as served
-from apikit import isolate
 from websockets.exceptions import ConnectionClosed
 
 from streamspace_controlplane.models import utcnow
@@ -25,17 +22,6 @@ from streamspace_sdk.platform import SessionSpec
 from streamspace_sdk.protocol import Command, CommandAck, Heartbeat, dump_frame
 
 ALICE = Principal(username="alice", role="user")
-
-
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch) -> None:
-    isolate(monkeypatch)
-
-
-@pytest_asyncio.fixture
-async def harness(store: Store, tmp_path: Path) -> AsyncIterator[Harness]:
-    async with served(fast_settings(tmp_path), store) as h:
-        yield h
 
 
 def sample(harness: Harness, name: str, **labels: str) -> float | None:

@@ -17,11 +17,6 @@ from streamspace_controlplane.store.base import Store
 from streamspace_sdk.platform import Capacity, Usage
 
 
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch) -> None:
-    apikit.isolate(monkeypatch)
-
-
 async def _agent(store: Store, agent_id: str, *, online: bool = True) -> None:
     await store.register_agent(
         AgentRecord(

@@ -32,11 +32,6 @@ PROTECTED = [op for op in all_operations() if op.auth != "public"]
 ADMIN_ONLY = [op for op in all_operations() if op.auth == "admin"]
 
 
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch) -> None:
-    apikit.isolate(monkeypatch)
-
-
 def _url(op: Operation) -> str:
     return re.sub(r"{[^}]+}", "s-0123456789abcdef", op.path)
 

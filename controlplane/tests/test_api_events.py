@@ -27,11 +27,6 @@ TIMEOUT_S = 10.0
 """Guard on every read: a broken stream fails the test instead of hanging it."""
 
 
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch) -> None:
-    apikit.isolate(monkeypatch)
-
-
 @asynccontextmanager
 async def live(
     store: Store, tmp_path: Path

@@ -21,12 +21,6 @@ from streamspace_controlplane.services import templates
 from streamspace_controlplane.store.base import Conflict, NotFound, Store, StoreError
 from streamspace_sdk.platform import Capacity
 
-
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch) -> None:
-    apikit.isolate(monkeypatch)
-
-
 # -- probes and metrics ------------------------------------------------------------------
 
 

@@ -32,11 +32,6 @@ SESSION_FIELDS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch) -> None:
-    apikit.isolate(monkeypatch)
-
-
 async def _place(api: apikit.Api, session_id: str, state: str = "running") -> None:
     """Put a session on an agent in ``state``, as the scheduler and an agent would."""
     store = api.cp.store

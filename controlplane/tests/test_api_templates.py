@@ -38,11 +38,6 @@ FULL = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch) -> None:
-    apikit.isolate(monkeypatch)
-
-
 @asynccontextmanager
 async def connected(store: Store, tmp_path: Path, **overrides: Any) -> AsyncIterator[ControlPlane]:
     """A control plane on the fixture's store (connected and migrated), without the app."""

@@ -20,11 +20,6 @@ from streamspace_controlplane.store.base import Store
 from streamspace_sdk.errors import ConfigError
 
 
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch) -> None:
-    apikit.isolate(monkeypatch)
-
-
 @asynccontextmanager
 async def connected(store: Store, tmp_path: Path, **overrides: Any) -> AsyncIterator[ControlPlane]:
     """A control plane on the fixture's store (connected and migrated), without the app."""

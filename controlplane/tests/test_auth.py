@@ -23,11 +23,6 @@ from streamspace_sdk.testing.clock import FakeClock
 SECRET = apikit.SECRET
 
 
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch) -> None:
-    apikit.isolate(monkeypatch)
-
-
 def _b64(data: dict[str, object]) -> str:
     return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
 

@@ -7,14 +7,11 @@ state; unknown sessions are reported, never stopped; sessions of a vanished agen
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 from agentsim import Harness, eventually, fast_settings
 from agentsim import serve_control_plane as served
-from apikit import isolate
 
 from streamspace_controlplane.models import DesiredState, Session
 from streamspace_controlplane.reconciler import reconciler_of
@@ -26,17 +23,6 @@ from streamspace_sdk.protocol import CommandAck, CommandResult
 from streamspace_sdk.testing import MemoryPlatform, MemoryPlatformState
 
 ALICE = Principal(username="alice", role="user")
-
-
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch) -> None:
-    isolate(monkeypatch)
-
-
-@pytest_asyncio.fixture
-async def harness(store: Store, tmp_path: Path) -> AsyncIterator[Harness]:
-    async with served(fast_settings(tmp_path), store) as h:
-        yield h
 
 
 async def running_session(harness: Harness, agent_id: str = "a1") -> Session:

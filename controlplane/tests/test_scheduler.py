@@ -12,7 +12,7 @@ import pytest
 import pytest_asyncio
 from agentsim import eventually, fast_settings
 from agentsim import serve_control_plane as served
-from apikit import isolate, make_hooks
+from apikit import make_hooks
 
 from streamspace_controlplane.app import build_control_plane
 from streamspace_controlplane.core import ControlPlane
@@ -25,11 +25,6 @@ from streamspace_sdk.platform import Capacity
 from streamspace_sdk.protocol import Command
 
 ALICE = Principal(username="alice", role="user")
-
-
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch) -> None:
-    isolate(monkeypatch)
 
 
 @pytest_asyncio.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
-import apikit
 import pytest
 from pydantic import SecretStr
 
@@ -15,11 +14,6 @@ from streamspace_controlplane.settings import (
     load_settings,
 )
 from streamspace_sdk.errors import ConfigError
-
-
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch) -> None:
-    apikit.isolate(monkeypatch)
 
 
 def test_defaults_follow_the_seed(tmp_path: Path) -> None:

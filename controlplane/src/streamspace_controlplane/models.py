@@ -23,6 +23,7 @@ __all__ = [
     "Session",
     "SessionEventRecord",
     "Template",
+    "TemplateSpec",
     "User",
     "utcnow",
 ]
@@ -108,14 +109,12 @@ class AgentRecord(Record):
     """First registration."""
 
 
-class Template(Record):
-    """What a session is made from."""
+class TemplateSpec(Record):
+    """The editable fields of a template: what the API takes and the store keeps."""
 
-    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
-    """Unique name, DNS-label style."""
-    display_name: str = ""
+    display_name: str = Field(default="", max_length=200)
     """Shown in the catalog."""
-    description: str = ""
+    description: str = Field(default="", max_length=2000)
     """Shown in the catalog."""
     image: str | None = None
     """Container or VM image (Docker, Kubernetes)."""
@@ -137,6 +136,13 @@ class Template(Record):
     """Agents must carry all these labels."""
     platform_options: dict[str, JsonValue] = Field(default_factory=dict)
     """Passed to the platform as is (node selector, tolerations, ...)."""
+
+
+class Template(TemplateSpec):
+    """What a session is made from."""
+
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+    """Unique name, DNS-label style."""
     created_at: AwareDatetime = Field(default_factory=utcnow)
     """When created."""
     updated_at: AwareDatetime = Field(default_factory=utcnow)

@@ -18,9 +18,10 @@ from streamspace_controlplane.models import (
     DesiredState,
     Role,
     Session,
+    TemplateSpec,
     User,
 )
-from streamspace_sdk.platform import Resources, SessionState
+from streamspace_sdk.platform import SessionState
 
 __all__ = [
     "AgentCapacityOut",
@@ -169,33 +170,8 @@ class UserOut(ApiModel):
 # -- templates ---------------------------------------------------------------------------
 
 
-class TemplateBody(ApiModel):
-    """The editable fields of a template."""
-
-    display_name: str = Field(default="", max_length=200)
-    """Shown in the catalog."""
-    description: str = Field(default="", max_length=2000)
-    """Shown in the catalog."""
-    image: str | None = None
-    """Container or VM image (Docker, Kubernetes)."""
-    command: list[str] = Field(default_factory=list)
-    """Program and arguments (``process`` platform; overrides the image's command)."""
-    vnc_port: int = Field(default=5900, ge=1, le=65535)
-    """Port of the VNC server inside the session."""
-    resources: Resources = Field(default_factory=Resources)
-    """CPU (millicores) and memory (MiB) requests and limits."""
-    env: dict[str, str] = Field(default_factory=dict)
-    """Environment of the session."""
-    persistent_home: bool = False
-    """Keep the user's home across sessions."""
-    platform: str | None = None
-    """Only agents of this platform may run it."""
-    region: str | None = None
-    """Only agents of this region may run it."""
-    labels: dict[str, str] = Field(default_factory=dict)
-    """Agents must carry all these labels."""
-    platform_options: dict[str, JsonValue] = Field(default_factory=dict)
-    """Passed to the platform as is (node selector, tolerations, ...)."""
+class TemplateBody(TemplateSpec):
+    """The editable fields of a template (the stored model's, so the two never drift)."""
 
 
 class TemplateCreate(TemplateBody):
