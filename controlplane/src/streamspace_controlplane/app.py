@@ -16,6 +16,7 @@ from streamspace_controlplane.reconciler import Reconciler
 from streamspace_controlplane.routes import agents as agent_routes
 from streamspace_controlplane.routes import api as api_routes
 from streamspace_controlplane.routes import health as health_routes
+from streamspace_controlplane.routes import ui as ui_routes
 from streamspace_controlplane.routes import vnc as vnc_routes
 from streamspace_controlplane.scheduler import Scheduler
 from streamspace_controlplane.services import templates as template_service
@@ -88,6 +89,7 @@ def create_app(cp: ControlPlane) -> Starlette:
             *api_routes.routes(),
             *agent_routes.routes(),
             *vnc_routes.routes(),
+            *ui_routes.routes(),
         ],
         exception_handlers=http.exception_handlers(),
         lifespan=lifespan,
