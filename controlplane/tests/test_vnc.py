@@ -33,6 +33,7 @@ from streamspace_sdk import Agent, AgentSettings
 from streamspace_sdk.agent import Backoff
 from streamspace_sdk.hooks import Hooks, make_plugin_manager
 from streamspace_sdk.platforms import ProcessPlatform
+from streamspace_sdk.protocol import VncOpen
 from streamspace_sdk.settings import PluginSettings
 
 AGENT_ID = "vnc-agent"
@@ -221,7 +222,9 @@ async def _login(http: httpx.AsyncClient, username: str, password: str) -> dict[
 
 
 @contextlib.asynccontextmanager
-async def environment(store: Store, tmp_path: Path, **overrides: Any) -> AsyncIterator[Env]:
+async def environment(
+    store: Store, tmp_path: Path, *, transport: str = "ws-mux", **overrides: Any
+) -> AsyncIterator[Env]:
     settings = fast_settings(tmp_path / "home", **overrides)
     async with serve_control_plane(settings, store) as harness:
         base = "http" + harness.url.removeprefix("ws")
@@ -249,6 +252,7 @@ async def environment(store: Store, tmp_path: Path, **overrides: Any) -> AsyncIt
                     control_plane_url=harness.url,
                     agent_token=SecretStr(await harness.token(AGENT_ID)),
                     health_port=0,
+                    vnc_transport=transport,
                 ),
                 platform,
                 hooks=Hooks(
@@ -280,14 +284,18 @@ async def environment(store: Store, tmp_path: Path, **overrides: Any) -> AsyncIt
                     await platform.stop(status.session_id, status.generation + 1)
 
 
-@pytest_asyncio.fixture
+TRANSPORTS = ["ws-mux", "ws-dedicated"]
+"""Every test with an ``env`` runs once per transport the control plane offers."""
+
+
+@pytest_asyncio.fixture(params=TRANSPORTS)
 async def env(
-    sqlite_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    sqlite_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: Any
 ) -> AsyncIterator[Env]:
     isolate(monkeypatch)
     for name in AgentSettings.model_fields:
         monkeypatch.delenv(name.upper(), raising=False)
-    async with environment(sqlite_store, tmp_path) as made:
+    async with environment(sqlite_store, tmp_path, transport=request.param) as made:
         yield made
 
 
@@ -415,6 +423,8 @@ async def test_two_viewers_get_separate_streams_and_closing_one_closes_its_tcp(
         screens = await asyncio.gather(screen_of(one), screen_of(two))
         assert screens[0].server_init == screens[1].server_init
         assert env.agent.vnc_streams_open == 2
+        dedicated = 2 if env.agent.transport.name == "ws-dedicated" else 0
+        assert env.sample("streamspace_websocket_connections", kind="agent-stream") == dedicated
         assert env.sample("streamspace_vnc_viewers", session_id=env.session_id) == 2
         await first.close()
 
@@ -436,11 +446,14 @@ async def test_two_viewers_get_separate_streams_and_closing_one_closes_its_tcp(
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_idle_viewer_is_closed_after_the_proxy_timeout(
-    sqlite_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    sqlite_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, transport: str
 ) -> None:
     isolate(monkeypatch)
-    async with environment(sqlite_store, tmp_path, vnc_proxy_timeout="300ms") as env:
+    async with environment(
+        sqlite_store, tmp_path, transport=transport, vnc_proxy_timeout="300ms"
+    ) as env:
         async with env.viewer(await env.token()) as ws:
             assert await ws.recv() == RFB_VERSION
             with pytest.raises(ConnectionClosed):
@@ -465,3 +478,46 @@ async def test_stream_to_a_session_the_agent_lost_is_closed_with_the_reason(env:
         assert ws.close_code == 1011
         assert env.session_id in (ws.close_reason or "")
     assert env.agent.vnc_streams_requested == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("token", ["made-up", ""])
+async def test_a_dedicated_dial_without_a_waiting_stream_is_refused(env: Env, token: str) -> None:
+    """No socket is accepted at the stream route but for a token a viewer waits on."""
+    url = env.ws_base + "/api/v1/agents/vnc/" + token
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(url, open_timeout=10):
+            pass
+    assert refused.value.response.status_code in {403, 404}
+
+
+@pytest.mark.asyncio
+async def test_a_dedicated_stream_token_is_single_use(
+    sqlite_store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second dial with a token already used is refused, and the first stream is intact."""
+    isolate(monkeypatch)
+    async with environment(sqlite_store, tmp_path, transport="ws-dedicated") as env:
+        await _dial_twice(env)
+
+
+async def _dial_twice(env: Env) -> None:
+    sent: list[VncOpen] = []
+    real = env.agent.transport.open_stream
+
+    async def spy(link: Any, request: VncOpen) -> Any:
+        sent.append(request)
+        return await real(link, request)
+
+    env.agent.transport.open_stream = spy  # type: ignore[method-assign]
+    async with env.viewer(await env.token()) as ws:
+        assert await ws.recv() == RFB_VERSION
+        assert sent
+        assert sent[0].stream_token
+        url = env.ws_base + "/api/v1/agents/vnc/" + sent[0].stream_token
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(url, open_timeout=10):
+                pass
+        assert refused.value.response.status_code == 403
+        await ws.send(RFB_VERSION)
+        assert len(await ws.recv()) >= 2  # security types: the stream still works

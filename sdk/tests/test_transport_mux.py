@@ -84,7 +84,6 @@ async def _pump(ws: ServerConnection | ClientConnection, mux: MuxStreams, pair: 
                     continue
                 stream = await pair.transport.open_stream(pair.agent_link, frame)
                 assert isinstance(stream, MuxStream)
-                await mux.confirm(stream)
                 pair.accepted.put_nowait(stream)
             elif isinstance(frame, VncOpened | VncClose | VncCredit):
                 await mux.receive(frame)
@@ -180,7 +179,7 @@ async def test_overrunning_the_window_closes_the_stream(pair: _Pair) -> None:
     await pair.agent_link.send_binary(encode_data(agent.stream_id, b"x" * 200_000))  # type: ignore[attr-defined]
     assert await asyncio.wait_for(agent.read(), 10) == b""  # the viewer never read
     assert viewer.closed  # type: ignore[attr-defined]
-    assert "flow control" in agent.close_reason  # type: ignore[attr-defined]
+    assert "flow control" in agent.close_reason
 
 
 @pytest.mark.asyncio

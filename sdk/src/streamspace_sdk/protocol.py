@@ -28,7 +28,9 @@ from streamspace_sdk.errors import ProtocolError
 from streamspace_sdk.platform import Action, Capacity, SessionSpec, SessionStatus, Usage
 
 __all__ = [
+    "AGENT_PATHS",
     "DATA_HEADER_SIZE",
+    "DEDICATED_STREAM_PATH",
     "MAX_BINARY_PAYLOAD_BYTES",
     "MAX_TEXT_FRAME_BYTES",
     "PROTOCOL_VERSION",
@@ -56,6 +58,12 @@ __all__ = [
 
 PROTOCOL_VERSION = 1
 """Grows when a change would confuse an older peer; new optional fields do not change it."""
+
+AGENT_PATHS = ("/api/v1/agents/connect", "/agent/ws")
+"""Where the control plane serves agents; the second is the path the seed's Helm values use."""
+
+DEDICATED_STREAM_PATH = "/api/v1/agents/vnc/{stream_token}"
+"""Where an agent dials one ``ws-dedicated`` stream, beside the agent endpoint."""
 
 MAX_TEXT_FRAME_BYTES = 1024 * 1024
 """Largest text frame accepted: a hello listing 10,000 sessions fits; a runaway peer does not."""

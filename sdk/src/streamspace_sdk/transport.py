@@ -43,6 +43,9 @@ class AgentLink(Protocol):
 class ByteStream(ABC):
     """One viewer's byte stream, in order and intact, with flow control."""
 
+    close_reason: str = ""
+    """Why the stream closed, once it has, when the peer said (empty otherwise)."""
+
     @abstractmethod
     async def read(self) -> bytes:
         """Return the next chunk of bytes; ``b""`` once the peer has closed."""
@@ -73,9 +76,15 @@ class Transport(ABC):
         self.settings = settings if settings is not None else self.Settings()
 
     async def open_stream(self, link: AgentLink, request: VncOpen) -> ByteStream:
-        """Open the viewer-facing end of the stream the control plane asked for."""
+        """Open the agent's end of the stream the control plane asked for, ready for bytes.
+
+        The agent calls it once it has connected to the session's VNC server; a stream it
+        cannot serve it refuses with ``vnc.close`` instead. Raises ``ProtocolError`` (a
+        request this transport cannot serve) or ``StreamRefused`` (the control plane's end
+        is gone); the agent answers either with ``vnc.close``.
+        """
         return await self._open_stream(link, request)
 
     @abstractmethod
     async def _open_stream(self, link: AgentLink, request: VncOpen) -> ByteStream:
-        """Open the stream; raise ``ProtocolError`` if the request cannot be served."""
+        """Open the stream and tell the control plane, as the transport does."""

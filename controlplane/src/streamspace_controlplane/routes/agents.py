@@ -31,10 +31,12 @@ from streamspace_controlplane import auth
 from streamspace_controlplane._errors import ApiError
 from streamspace_controlplane.core import ControlPlane
 from streamspace_controlplane.http import error_response
+from streamspace_controlplane.routes import streams
 from streamspace_controlplane.services import registry
 from streamspace_sdk._models import WireModel
 from streamspace_sdk.errors import ProtocolError
 from streamspace_sdk.protocol import (
+    AGENT_PATHS,
     AgentHello,
     Error,
     VncClose,
@@ -44,14 +46,15 @@ from streamspace_sdk.protocol import (
     error_frame,
     parse_frame,
 )
-from streamspace_sdk.transports.mux import MuxStreams
+from streamspace_sdk.transports.dedicated import DedicatedTransport
+from streamspace_sdk.transports.mux import MuxStreams, MuxTransport
 
-__all__ = ["AGENT_PATHS", "HELLO_TIMEOUT_S", "AgentSocket", "routes"]
+__all__ = ["AGENT_PATHS", "HELLO_TIMEOUT_S", "OFFERED_TRANSPORTS", "AgentSocket", "routes"]
 
 logger = logging.getLogger("streamspace.controlplane.agents")
 
-AGENT_PATHS = ("/api/v1/agents/connect", "/agent/ws")
-"""Where agents connect; the second is the path the seed's Helm values use."""
+OFFERED_TRANSPORTS = (MuxTransport.name, DedicatedTransport.name)
+"""VNC transports this control plane serves; an agent's hello says which it uses."""
 
 HELLO_TIMEOUT_S = 10.0
 """Seconds an accepted socket may take to send ``agent.hello``."""
@@ -62,13 +65,14 @@ _MAX_REASON_BYTES = 123  # RFC 6455: a close frame's payload is at most 125 byte
 
 
 def routes(*, hello_timeout_s: float = HELLO_TIMEOUT_S) -> list[BaseRoute]:
-    """Return the agent WebSocket routes."""
+    """Return the agent WebSocket routes, the ``ws-dedicated`` stream socket included."""
 
     async def endpoint(websocket: WebSocket) -> None:
         await agent_socket(websocket, hello_timeout_s=hello_timeout_s)
 
     return [
-        WebSocketRoute(path, endpoint, name=f"agent-ws-{i}") for i, path in enumerate(AGENT_PATHS)
+        *(WebSocketRoute(p, endpoint, name=f"agent-ws-{i}") for i, p in enumerate(AGENT_PATHS)),
+        *streams.routes(),
     ]
 
 
@@ -91,13 +95,27 @@ class AgentSocket:
     streams on it, and the socket's reader hands it every binary and ``vnc.*`` frame.
     """
 
-    def __init__(self, websocket: WebSocket, agent_id: str, conn_id: str) -> None:
+    def __init__(
+        self,
+        websocket: WebSocket,
+        agent_id: str,
+        conn_id: str,
+        transports: list[str] | None = None,
+    ) -> None:
         self._ws = websocket
         self._agent_id = agent_id
         self._conn_id = conn_id
         self._lock = asyncio.Lock()
         self.mux = MuxStreams(self)
         """The VNC streams multiplexed on this socket."""
+        self.transports = transports or [MuxTransport.name]
+        """The VNC transports the agent said it uses, preferred first (``ws-mux`` for an
+        agent that names none)."""
+
+    @property
+    def vnc_transport(self) -> str | None:
+        """The transport for this agent's viewers: its first that is offered, else ``None``."""
+        return next((t for t in self.transports if t in OFFERED_TRANSPORTS), None)
 
     @property
     def agent_id(self) -> str:
@@ -147,7 +165,7 @@ async def agent_socket(websocket: WebSocket, *, hello_timeout_s: float = HELLO_T
         hello = await _receive_hello(websocket, hello_timeout_s)
         if hello is None:
             return
-        conn = AgentSocket(websocket, hello.agent_id, new_connection_id())
+        conn = AgentSocket(websocket, hello.agent_id, new_connection_id(), hello.transports)
         try:
             await registry.register(cp, conn, hello, token_agent_id=token.agent_id)
         except registry.Refused:
@@ -157,6 +175,7 @@ async def agent_socket(websocket: WebSocket, *, hello_timeout_s: float = HELLO_T
             await _serve(cp, websocket, conn)
         finally:
             conn.mux.close_all("the agent's connection closed")
+            streams.dedicated_streams(cp).connection_closed(conn.conn_id, "it closed")
     except registry.Refused as exc:
         logger.info("Closing agent connection: %s", exc)
         with contextlib.suppress(WebSocketDisconnect, WebSocketDisconnected, OSError):
@@ -239,6 +258,8 @@ async def _serve(cp: ControlPlane, websocket: WebSocket, conn: AgentSocket) -> N
                 reply = error_frame(exc)
             else:
                 if isinstance(frame, VncOpened | VncClose | VncCredit):
+                    if isinstance(frame, VncClose):
+                        streams.dedicated_streams(cp).refused(conn.conn_id, frame)
                     await conn.mux.receive(frame)
                     continue
                 try:

@@ -5,9 +5,11 @@ then opens ``/vnc/{session_id}?token=...``. Before the socket is accepted, and b
 anything reaches the agent, the ``Origin`` (when present) must be this host or one of
 ``ALLOWED_ORIGINS``, and the token must be valid, unused and for this session; anything
 else is refused with HTTP 403. Then the socket is accepted (with subprotocol ``binary`` when
-offered, as noVNC asks), a ``ws-mux`` stream is opened to the agent holding the session,
-and bytes are relayed unmodified both ways. Closing either side closes the other; a stream
-idle for ``VNC_PROXY_TIMEOUT`` is closed. Each viewer gets its own stream.
+offered, as noVNC asks), a stream is opened to the agent holding the session through the
+transport the agent uses (``ws-mux`` on its own socket, or ``ws-dedicated``, a socket it
+dials for this viewer), and bytes are relayed unmodified both ways. Closing either side
+closes the other; a stream idle for ``VNC_PROXY_TIMEOUT`` is closed. Each viewer gets its
+own stream.
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ from streamspace_controlplane._errors import ApiError
 from streamspace_controlplane.core import ControlPlane
 from streamspace_controlplane.http import control_plane, error_response, json_response, require_user
 from streamspace_controlplane.openapi import Operation
-from streamspace_controlplane.routes.agents import AgentSocket
+from streamspace_controlplane.routes.agents import OFFERED_TRANSPORTS, AgentSocket
+from streamspace_controlplane.routes.streams import dedicated_streams
 from streamspace_controlplane.schemas import VncTokenOut
 from streamspace_controlplane.services import vnc as vnc_service
 from streamspace_sdk.errors import StreamRefused
-from streamspace_sdk.transports.mux import MuxStream
+from streamspace_sdk.transport import ByteStream
+from streamspace_sdk.transports.mux import MuxTransport
 
 __all__ = ["OPEN_TIMEOUT_S", "OPERATIONS", "SUBPROTOCOL", "VNC_PATH", "routes"]
 
@@ -127,13 +131,29 @@ async def viewer_socket(websocket: WebSocket) -> None:
             ApiError(503, "unavailable", f"the agent of session {session_id} is not connected"),
         )
         return
+    transport = conn.vnc_transport
+    if transport is None:
+        await _refuse(
+            websocket,
+            ApiError(
+                503,
+                "unavailable",
+                f"the agent of session {session_id} uses VNC transports {conn.transports}; "
+                f"this control plane offers {list(OFFERED_TRANSPORTS)}",
+            ),
+        )
+        return
     offered = websocket.scope.get("subprotocols", [])
     await websocket.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
     metrics = cp.metrics
     loop = asyncio.get_running_loop()
     started = loop.time()
     try:
-        stream = await conn.mux.open(session_id, timeout_s=OPEN_TIMEOUT_S)
+        stream: ByteStream
+        if transport == MuxTransport.name:
+            stream = await conn.mux.open(session_id, timeout_s=OPEN_TIMEOUT_S)
+        else:
+            stream = await dedicated_streams(cp).open(conn, session_id, timeout_s=OPEN_TIMEOUT_S)
     except StreamRefused as exc:
         logger.warning("VNC stream to session %s refused: %s", session_id, exc.reason)
         await _close(websocket, CLOSE_UNAVAILABLE, exc.reason)
@@ -155,7 +175,7 @@ async def _close(websocket: WebSocket, code: int, reason: str) -> None:
 
 
 async def _relay(
-    cp: ControlPlane, websocket: WebSocket, stream: MuxStream, session_id: str
+    cp: ControlPlane, websocket: WebSocket, stream: ByteStream, session_id: str
 ) -> tuple[int, str]:
     """Pump bytes both ways until one side ends or the stream idles; return the close."""
     timeout_s = cp.settings.vnc_proxy_timeout
@@ -175,7 +195,7 @@ async def _relay(
             try:
                 await stream.write(data)
             except ConnectionError:
-                return CLOSE_NORMAL, stream.close_reason or "the session's VNC server closed"
+                return CLOSE_NORMAL, _why(stream)
             to_session.inc(len(data))
 
     async def from_session() -> tuple[int, str]:
@@ -186,7 +206,7 @@ async def _relay(
             except (WebSocketDisconnect, WebSocketDisconnected, OSError, RuntimeError):
                 return CLOSE_NORMAL, ""
             to_viewer.inc(len(chunk))
-        return CLOSE_NORMAL, stream.close_reason or "the session's VNC server closed"
+        return CLOSE_NORMAL, _why(stream)
 
     async def watchdog() -> tuple[int, str]:
         while True:
@@ -214,3 +234,7 @@ async def _relay(
         logger.warning("The VNC relay of session %s failed", session_id, exc_info=failure)
         return CLOSE_UNAVAILABLE, "the relay failed"
     return first.result()
+
+
+def _why(stream: ByteStream) -> str:
+    return stream.close_reason or "the session's VNC server closed"

@@ -32,6 +32,7 @@ from streamspace_sdk.hooks import Hooks, make_plugin_manager
 from streamspace_sdk.lease import Lease, LeaseRecord
 from streamspace_sdk.platform import Capacity, Platform, Usage
 from streamspace_sdk.protocol import (
+    AGENT_PATHS,
     MAX_TEXT_FRAME_BYTES,
     PROTOCOL_VERSION,
     AgentHello,
@@ -51,14 +52,15 @@ from streamspace_sdk.protocol import (
     parse_frame,
 )
 from streamspace_sdk.settings import AgentSettings
+from streamspace_sdk.transport import Transport
 
 __all__ = ["AGENT_PATH", "Agent", "agent_url"]
 
 logger = logging.getLogger("streamspace.agent")
 
-AGENT_PATH = "/api/v1/agents/connect"
+AGENT_PATH = AGENT_PATHS[0]
 """The control plane's agent endpoint, appended to ``CONTROL_PLANE_URL``."""
-_ENDPOINT_PATHS = (AGENT_PATH, "/agent/ws")
+_ENDPOINT_PATHS = AGENT_PATHS
 
 _GOING_AWAY = 1001
 
@@ -150,6 +152,7 @@ class Agent:
         hooks: Hooks | None = None,
         clock: Clock | None = None,
         backoff: Backoff | None = None,
+        transport: Transport | None = None,
     ) -> None:
         self.settings = settings
         self.url = agent_url(settings.control_plane_url)
@@ -188,7 +191,13 @@ class Agent:
             send=self._send,
             busy=lambda session_id: self._runner.busy(session_id),
         )
-        self._vnc = VncRelay(self.platform, settings.vnc_transport)
+        self.transport: Transport = (
+            transport
+            if transport is not None
+            else drivers.load_driver(drivers.TRANSPORTS, settings.vnc_transport, base=Transport)
+        )
+        """The ``VNC_TRANSPORT`` driver carrying viewers' bytes."""
+        self._vnc = VncRelay(self.platform, self.transport)
         self._runner = CommandRunner(
             platform=self.platform,
             hooks=self.hooks,
@@ -725,7 +734,7 @@ class Agent:
             capacity=await self._capacity(),
             usage=await self.platform.usage(),
             agent_version=_agent_version(),
-            transports=[self.settings.vnc_transport],
+            transports=[self.transport.name],
             instance_id=self.platform.instance_scope(),
             lease_holder=holder,
             fencing_epoch=epoch,

@@ -353,9 +353,16 @@ class MuxTransport(Transport):
         return mux
 
     async def _open_stream(self, link: AgentLink, request: VncOpen) -> ByteStream:
-        """Register the agent's end of the stream; the caller confirms or refuses it."""
+        """Register the agent's end of the stream and tell the control plane it is open."""
         if request.transport != self.name:
             raise ProtocolError(
                 "bad_transport", f"stream asks for {request.transport!r}, not {self.name!r}"
             )
-        return self.streams(link).accept(request)
+        mux = self.streams(link)
+        stream = mux.accept(request)
+        try:
+            await mux.confirm(stream)
+        except ConnectionError as exc:
+            stream._shut(str(exc))
+            raise StreamRefused(f"the control plane's socket is closed: {exc}") from None
+        return stream

@@ -1,0 +1,252 @@
+"""The control plane's side of ``ws-dedicated``: ``/api/v1/agents/vnc/{stream_token}``.
+
+For a viewer of an agent that uses ``ws-dedicated``, the viewer socket asks
+:meth:`DedicatedStreams.open` for a stream: it makes a one-time token, sends ``vnc.open``
+with it on the agent's own socket and waits. The agent connects to the session's VNC server
+and dials this route with the token; the socket is accepted only for a token that is
+waiting, unused and unexpired (else HTTP 403 before the handshake), and handed to the
+waiting viewer as a :class:`WebSocketStream`. The agent refuses a stream it cannot serve
+with ``vnc.close`` on its own socket, which ends the wait with its reason.
+
+The token is the only credential: 256 random bits, sent only on the agent's authenticated
+socket, valid for one dial within the open timeout, kept as a hash, never logged. The route
+holds the socket open until the viewer's relay closes the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import secrets
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
+
+from starlette.routing import BaseRoute, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
+
+from streamspace_controlplane._errors import ApiError
+from streamspace_controlplane.core import ControlPlane
+from streamspace_controlplane.http import error_response
+from streamspace_sdk.errors import StreamRefused
+from streamspace_sdk.protocol import (
+    DEDICATED_STREAM_PATH,
+    MAX_BINARY_PAYLOAD_BYTES,
+    VncClose,
+    VncOpen,
+)
+from streamspace_sdk.transport import ByteStream
+from streamspace_sdk.transports.dedicated import DedicatedTransport
+
+if TYPE_CHECKING:
+    from streamspace_controlplane.routes.agents import AgentSocket
+
+__all__ = ["DedicatedStreams", "WebSocketStream", "dedicated_streams", "routes"]
+
+logger = logging.getLogger("streamspace.controlplane.vnc")
+
+_EXTRA = "vnc.dedicated"
+_CLOSE_UNSUPPORTED = 1003
+_CLOSE_POLICY = 1008
+
+
+class WebSocketStream(ByteStream):
+    """An accepted Starlette WebSocket as a :class:`ByteStream` (binary messages only)."""
+
+    def __init__(self, websocket: WebSocket) -> None:
+        self._ws = websocket
+        self.finished = asyncio.Event()
+        """Set once the stream is closed, by :meth:`close` or by the peer."""
+
+    async def read(self) -> bytes:
+        """Return the next message's bytes; ``b""`` once the peer has closed."""
+        while not self.finished.is_set():
+            try:
+                message = await self._ws.receive()
+            except (WebSocketDisconnect, WebSocketDisconnected, OSError, RuntimeError):
+                break
+            if message["type"] == "websocket.disconnect":
+                break
+            data = message.get("bytes")
+            if data is None:
+                await self._close(_CLOSE_UNSUPPORTED, "VNC data must be sent in binary frames")
+                break
+            if data:
+                return cast(bytes, data)
+        self.finished.set()
+        return b""
+
+    async def write(self, data: bytes) -> None:
+        """Send ``data`` in messages of at most ``MAX_BINARY_PAYLOAD_BYTES`` (what the
+        agent's end accepts); waits while the socket's buffer is full.
+
+        Raises:
+            ConnectionError: the socket is closed.
+        """
+        if self.finished.is_set():
+            raise ConnectionError("the stream's socket is closed")
+        try:
+            if len(data) <= MAX_BINARY_PAYLOAD_BYTES:
+                await self._ws.send_bytes(data)
+                return
+            view = memoryview(data)
+            while view:
+                await self._ws.send_bytes(bytes(view[:MAX_BINARY_PAYLOAD_BYTES]))
+                view = view[MAX_BINARY_PAYLOAD_BYTES:]
+        except (WebSocketDisconnect, WebSocketDisconnected, OSError, RuntimeError) as exc:
+            self.finished.set()
+            raise ConnectionError("the stream's socket is closed") from exc
+
+    async def close(self) -> None:
+        """Close the socket. Idempotent."""
+        await self._close(1000, "")
+
+    async def _close(self, code: int, reason: str) -> None:
+        if self.finished.is_set():
+            return
+        self.finished.set()
+        with contextlib.suppress(WebSocketDisconnect, WebSocketDisconnected, OSError, RuntimeError):
+            await self._ws.close(code, reason)
+
+
+@dataclass
+class _Pending:
+    conn_id: str
+    stream_id: int
+    arrived: asyncio.Future[WebSocketStream] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class DedicatedStreams:
+    """The ``ws-dedicated`` streams this process waits for, by token hash."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, _Pending] = {}
+        self._by_stream: dict[tuple[str, int], str] = {}
+        self._next_id = 0
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    async def open(self, conn: AgentSocket, session_id: str, *, timeout_s: float) -> ByteStream:
+        """Ask ``conn``'s agent for a stream to ``session_id``; return it once dialled.
+
+        Raises:
+            StreamRefused: the agent refused (its reason), did not dial in ``timeout_s``,
+                or its socket is closed.
+        """
+        token = secrets.token_urlsafe(32)
+        key = _hash(token)
+        self._next_id = self._next_id % 0xFFFFFFFF + 1
+        pending = _Pending(conn.conn_id, self._next_id)
+        self._pending[key] = pending
+        self._by_stream[(pending.conn_id, pending.stream_id)] = key
+        stream: WebSocketStream | None = None
+        try:
+            await conn.send(
+                VncOpen(
+                    stream_id=pending.stream_id,
+                    session_id=session_id,
+                    transport=DedicatedTransport.name,
+                    stream_token=token,
+                )
+            )
+            async with asyncio.timeout(timeout_s):
+                stream = await pending.arrived
+            return stream
+        except TimeoutError:
+            with contextlib.suppress(ConnectionError):
+                await conn.send(VncClose(stream_id=pending.stream_id, reason="not dialled in time"))
+            raise StreamRefused(
+                f"the agent did not dial the stream within {timeout_s:g}s"
+            ) from None
+        except StreamRefused:
+            raise
+        except ConnectionError as exc:
+            raise StreamRefused(f"the agent's connection is closed: {exc}") from None
+        finally:
+            self._forget(key, pending)
+            if stream is None:
+                # Not handed over (refused, timed out, cancelled): a socket that arrived
+                # anyway is closed, and one still to come finds the wait cancelled.
+                arrived = pending.arrived
+                if arrived.done() and not arrived.cancelled() and arrived.exception() is None:
+                    await arrived.result().close()
+                arrived.cancel()
+
+    def claim(self, token: str) -> _Pending | None:
+        """Use up ``token``; return the stream waiting for it, if any."""
+        key = _hash(token)
+        pending = self._pending.get(key)
+        if pending is None or pending.arrived.done():
+            return None
+        self._forget(key, pending)
+        return pending
+
+    def refused(self, conn_id: str, frame: VncClose) -> None:
+        """The agent said ``vnc.close`` for a stream: end a wait for it with the reason."""
+        key = self._by_stream.get((conn_id, frame.stream_id))
+        pending = self._pending.get(key) if key else None
+        if pending is not None and not pending.arrived.done():
+            pending.arrived.set_exception(StreamRefused(frame.reason or "the agent closed it"))
+
+    def connection_closed(self, conn_id: str, reason: str) -> None:
+        """The agent's socket is gone: end every wait for a stream of it."""
+        for (cid, _), key in list(self._by_stream.items()):
+            pending = self._pending.get(key)
+            if cid == conn_id and pending is not None and not pending.arrived.done():
+                pending.arrived.set_exception(
+                    StreamRefused(f"the agent's connection is closed: {reason}")
+                )
+
+    def _forget(self, key: str, pending: _Pending) -> None:
+        if self._pending.get(key) is pending:
+            del self._pending[key]
+        stream_key = (pending.conn_id, pending.stream_id)
+        if self._by_stream.get(stream_key) == key:
+            del self._by_stream[stream_key]
+
+
+def _hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def dedicated_streams(cp: ControlPlane) -> DedicatedStreams:
+    """Return the process's waiting dedicated streams (made on first use)."""
+    found = cp.extras.get(_EXTRA)
+    if not isinstance(found, DedicatedStreams):
+        found = cp.extras[_EXTRA] = DedicatedStreams()
+    return found
+
+
+def routes() -> list[BaseRoute]:
+    """Return the route agents dial for a dedicated stream."""
+    return [WebSocketRoute(DEDICATED_STREAM_PATH, stream_socket, name="agent-vnc-stream")]
+
+
+async def stream_socket(websocket: WebSocket) -> None:
+    """Accept an agent's dedicated stream socket for a waiting viewer; hold it until closed."""
+    cp = cast(ControlPlane, websocket.app.state.cp)
+    pending = dedicated_streams(cp).claim(websocket.path_params["stream_token"])
+    if pending is None:
+        logger.info("Refused a dedicated VNC stream socket: unknown or used stream token")
+        exc = ApiError(403, "forbidden", "unknown, used or expired stream token")
+        if "websocket.http.response" in websocket.scope.get("extensions", {}):
+            await websocket.send_denial_response(error_response(exc.status, exc.code, exc.message))
+        else:
+            await websocket.close(_CLOSE_POLICY)
+        return
+    await websocket.accept()
+    stream = WebSocketStream(websocket)
+    if pending.arrived.done():  # the viewer gave up meanwhile
+        await stream.close()
+        return
+    gauge = cp.metrics.websockets.labels("agent-stream")
+    gauge.inc()
+    try:
+        pending.arrived.set_result(stream)
+        await stream.finished.wait()
+    finally:
+        gauge.dec()
