@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import statistics
@@ -47,3 +48,17 @@ async def stop_process(proc: asyncio.subprocess.Process) -> None:
         except TimeoutError:
             proc.kill()
     await proc.wait()
+
+
+def proc_cpu_s(pid: int) -> float:
+    """Return the CPU seconds (user + system) process ``pid`` and its children have used so
+    far: the live ones, and those it has waited for (websockify forks one per client)."""
+    task = Path(f"/proc/{pid}/task/{pid}/children")
+    children = [int(c) for c in task.read_text().split()] if task.exists() else []
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    ticks = sum(int(f) for f in fields[11:15])
+    for child in children:
+        with contextlib.suppress(OSError):
+            child_fields = Path(f"/proc/{child}/stat").read_text().rpartition(")")[2].split()
+            ticks += int(child_fields[11]) + int(child_fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")

@@ -46,12 +46,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from _common import base_env, free_port, proc_status_mib, quantiles, stop_process
+from _common import base_env, free_port, proc_cpu_s, proc_status_mib, quantiles, stop_process
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
 ADMIN_PASSWORD = "bench-admin-password"
 AGENT_ID = "bench-vnc-agent"
+TRANSPORTS = ("ws-mux", "ws-dedicated")
 PLATFORM = "memory"
 TEMPLATE = {"name": "bench", "display_name": "Bench", "platform": PLATFORM}
 MB = 1_000_000
@@ -100,7 +101,7 @@ async def serve_target(port: int) -> None:
 # -- the agent (its own process) -----------------------------------------------------------
 
 
-async def serve_agent(target_port: int) -> None:
+async def serve_agent(target_port: int, agent_id: str, transport: str) -> None:
     from pydantic import SecretStr
 
     from streamspace_sdk import Agent, AgentSettings
@@ -117,15 +118,15 @@ async def serve_agent(target_port: int) -> None:
 
     agent = Agent(
         AgentSettings(
-            agent_id=AGENT_ID,
+            agent_id=agent_id,
             control_plane_url=os.environ["CONTROL_PLANE_URL"],
             agent_token=SecretStr(os.environ["AGENT_TOKEN"]),
             platform=PLATFORM,
             health_port=0,
             health_host="127.0.0.1",
-            vnc_transport="ws-mux",
+            vnc_transport=transport,
         ),
-        TargetPlatform(agent_id=AGENT_ID),
+        TargetPlatform(agent_id=agent_id),
         hooks=Hooks(
             make_plugin_manager(
                 settings=PluginSettings(streamspace_load_plugins=""), load_entrypoints=False
@@ -356,41 +357,57 @@ async def run(args: argparse.Namespace) -> None:
             login.raise_for_status()
             http.headers["Authorization"] = f"Bearer {login.json()['token']}"
             (await http.post("/api/v1/templates", json=TEMPLATE)).raise_for_status()
-            token = await http.post(f"/api/v1/agents/{AGENT_ID}/tokens")
-            token.raise_for_status()
-            agent = await spawn(
-                sys.executable,
-                me,
-                "--agent",
-                str(target_port),
-                env=base_env()
-                | {
-                    "CONTROL_PLANE_URL": f"ws://127.0.0.1:{cp_port}",
-                    "AGENT_TOKEN": token.json()["token"],
-                },
-            )
+            ours: dict[str, Opener] = {}
+            relays: dict[str, list[asyncio.subprocess.Process]] = {"websockify": [wsfy]}
+            # One agent per transport, started in turn: each new session goes to the least
+            # loaded agent, so the n-th session lands on the n-th agent.
+            for transport in TRANSPORTS:
+                agent_id = f"{AGENT_ID}-{transport}"
+                token = await http.post(f"/api/v1/agents/{agent_id}/tokens")
+                token.raise_for_status()
+                agent = await spawn(
+                    sys.executable,
+                    me,
+                    "--agent",
+                    str(target_port),
+                    "--agent-id",
+                    agent_id,
+                    "--transport",
+                    transport,
+                    env=base_env()
+                    | {
+                        "CONTROL_PLANE_URL": f"ws://127.0.0.1:{cp_port}",
+                        "AGENT_TOKEN": token.json()["token"],
+                    },
+                )
 
-            async def online() -> bool:
-                r = await http.get(f"/api/v1/agents/{AGENT_ID}")
-                return r.status_code == 200 and r.json()["status"] == "online"
+                async def online(agent_id: str = agent_id) -> bool:
+                    r = await http.get(f"/api/v1/agents/{agent_id}")
+                    return r.status_code == 200 and r.json()["status"] == "online"
 
-            await wait_until(online, agent, "the agent")
-            created = await http.post("/api/v1/sessions", json={"template": TEMPLATE["name"]})
-            created.raise_for_status()
-            sid = str(created.json()["id"])
+                await wait_until(online, agent, f"the {transport} agent")
+                created = await http.post("/api/v1/sessions", json={"template": TEMPLATE["name"]})
+                created.raise_for_status()
+                sid = str(created.json()["id"])
 
-            async def running() -> bool:
-                r = await http.get(f"/api/v1/sessions/{sid}")
-                if r.json()["state"] == "failed":
-                    raise SystemExit(f"session {sid} failed: {r.text}")
-                return r.json()["state"] == "running"
+                async def running(sid: str = sid) -> bool:
+                    r = await http.get(f"/api/v1/sessions/{sid}")
+                    if r.json()["state"] == "failed":
+                        raise SystemExit(f"session {sid} failed: {r.text}")
+                    return r.json()["state"] == "running"
 
-            await wait_until(running, agent, "the session")
+                await wait_until(running, agent, f"the {transport} session")
+                placed = (await http.get(f"/api/v1/sessions/{sid}")).json()["agent_id"]
+                if placed != agent_id:
+                    raise SystemExit(f"session {sid} went to {placed}, not {agent_id}")
 
-            async def ours_url() -> str:
-                r = await http.post(f"/api/v1/sessions/{sid}/vnc-token")
-                r.raise_for_status()
-                return f"ws://127.0.0.1:{cp_port}{r.json()['url']}"
+                async def ours_url(sid: str = sid) -> str:
+                    r = await http.post(f"/api/v1/sessions/{sid}/vnc-token")
+                    r.raise_for_status()
+                    return f"ws://127.0.0.1:{cp_port}{r.json()['url']}"
+
+                ours[f"ours ({transport})"] = ws_opener(ours_url)
+                relays[f"ours ({transport})"] = [server, agent]
 
             async def wsfy_url() -> str:
                 return f"ws://127.0.0.1:{wsfy_port}/"
@@ -398,16 +415,21 @@ async def run(args: argparse.Namespace) -> None:
             paths: dict[str, Opener] = {
                 "raw TCP": tcp_opener(target_port),
                 "websockify": ws_opener(wsfy_url),
-                "ours (ws-mux)": ws_opener(ours_url),
+                **ours,
             }
             size = args.stream_mib * MIB
             results: dict[str, dict[str, float]] = {}
             speeds: dict[str, list[float]] = {name: [] for name in paths}
+            # The relaying processes of each path, whose CPU time per MB is reported.
+            cpu_s = {name: [0.0] * len(procs_) for name, procs_ in relays.items()}
             for open_ in paths.values():
                 await throughput(open_, MIB)  # warm-up, not counted
             for _ in range(args.repeat):  # interleaved, so drift hits every path alike
                 for name, open_ in paths.items():
+                    before = [proc_cpu_s(p.pid) for p in relays.get(name, [])]
                     speeds[name].append(size / await throughput(open_, size) / MB)
+                    for i, p in enumerate(relays.get(name, [])):
+                        cpu_s[name][i] += proc_cpu_s(p.pid) - before[i]
             for name, open_ in paths.items():
                 p50, p99 = quantiles(await round_trips(open_, args.echoes, args.echo_bytes))
                 results[name] = {
@@ -416,33 +438,45 @@ async def run(args: argparse.Namespace) -> None:
                     "p50": p50 * 1e6,
                     "p99": p99 * 1e6,
                 }
-            memory = await memory_phase(
-                paths["ours (ws-mux)"], server.pid, args.memory_mib * MIB, args.slow_kib_s * 1024
-            )
+            memory = {
+                name: await memory_phase(
+                    open_, server.pid, args.memory_mib * MIB, args.slow_kib_s * 1024
+                )
+                for name, open_ in ours.items()
+            }
 
         print(
             f"payloads: throughput {args.stream_mib} MiB stream x {args.repeat} (interleaved), "
             f"round trip {args.echoes} x {args.echo_bytes}-byte echoes; MB = 10^6 bytes"
         )
-        print(f"{'path':<16}{'MB/s best':>11}{'MB/s med':>10}{'RTT p50 us':>12}{'RTT p99 us':>12}")
+        print(
+            f"{'path':<16}{'MB/s best':>11}{'MB/s med':>10}{'RTT p50 us':>12}{'RTT p99 us':>12}"
+            f"{'relay CPU ms/MB':>17}"  # control plane + agent for ours
+        )
         for name, r in results.items():
+            per_mb = [c * 1000 / (args.repeat * size / MB) for c in cpu_s.get(name, [])]
+            cpu = f"{sum(per_mb):>17.2f}" if per_mb else ""
+            if len(per_mb) > 1:
+                cpu += " (" + " + ".join(f"{c:.2f}" for c in per_mb) + ")"
             print(
                 f"{name:<16}{r['best']:>11.0f}{r['median']:>10.0f}{r['p50']:>12.0f}{r['p99']:>12.0f}"
+                + cpu
             )
         ref = results["websockify"]
-        for name in ("raw TCP", "ours (ws-mux)"):
+        for name in ("raw TCP", *ours):
             r = results[name]
             print(
                 f"{name} / websockify: throughput {r['median'] / ref['median']:.2f}x (median), "
                 f"RTT p50 {r['p50'] / ref['p50']:.2f}x, p99 {r['p99'] / ref['p99']:.2f}x"
             )
-        print(
-            f"control plane RSS, slow viewer ({args.slow_kib_s} KiB/s) + full-speed viewer "
-            f"({args.memory_mib} MiB at {memory['fast_mb_s']:.0f} MB/s): "
-            f"{memory['before']:.1f} MiB before, peak {memory['peak']:.1f} MiB sampled, "
-            f"VmHWM {memory['hwm']:.1f} MiB (reset at the phase start); "
-            f"slow viewer read {memory['slow_bytes'] / MIB:.1f} MiB"
-        )
+        for name, m in memory.items():
+            print(
+                f"control plane RSS, {name}, slow viewer ({args.slow_kib_s} KiB/s) + full-speed "
+                f"viewer ({args.memory_mib} MiB at {m['fast_mb_s']:.0f} MB/s): "
+                f"{m['before']:.1f} MiB before, peak {m['peak']:.1f} MiB sampled, "
+                f"VmHWM {m['hwm']:.1f} MiB (reset at the phase start); "
+                f"slow viewer read {m['slow_bytes'] / MIB:.1f} MiB"
+            )
     finally:
         for proc in reversed(procs):
             await stop_process(proc)
@@ -460,11 +494,16 @@ def main() -> None:
     parser.add_argument("--slow-kib-s", type=int, default=64)
     parser.add_argument("--target", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--agent", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--agent-id", default=AGENT_ID, help=argparse.SUPPRESS)
+    parser.add_argument("--transport", default="ws-mux", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.target is not None:
         asyncio.run(serve_target(args.target))
     elif args.agent is not None:
-        asyncio.run(serve_agent(args.agent))
+        from streamspace_sdk.agent import event_loop_factory  # the loop `Agent.run` uses
+
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+            runner.run(serve_agent(args.agent, args.agent_id, args.transport))
     else:
         asyncio.run(run(args))
 

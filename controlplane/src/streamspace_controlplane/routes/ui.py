@@ -298,7 +298,9 @@ def _page_endpoint(page: Page) -> Route:
         return Response(render_page(page), headers=headers, media_type="text/html")
 
     endpoint.__doc__ = f"Serve the {page.title} page."
-    return Route(page.path, endpoint, methods=["GET"], name=f"ui.{page.name}")
+    return Route(
+        page.path, endpoint, methods=["GET"], name=f"ui.{page.name}", include_in_schema=False
+    )
 
 
 async def _home(request: Request) -> Response:
@@ -322,9 +324,9 @@ class UiStaticFiles(StaticFiles):
 def routes() -> list[BaseRoute]:
     """Return the UI's routes: ``/`` and ``/ui`` to the sessions page, the pages, ``/static``."""
     return [
-        Route("/", _home, methods=["GET"], name="ui.home"),
-        Route("/ui", _home, methods=["GET"]),
-        Route("/ui/", _home, methods=["GET"]),
+        Route("/", _home, methods=["GET"], name="ui.home", include_in_schema=False),
+        Route("/ui", _home, methods=["GET"], include_in_schema=False),
+        Route("/ui/", _home, methods=["GET"], include_in_schema=False),
         *(_page_endpoint(page) for page in PAGES),
         Mount("/static", UiStaticFiles(directory=STATIC_DIR), name="static"),
     ]

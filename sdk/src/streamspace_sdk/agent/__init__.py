@@ -13,6 +13,6 @@ connection attempts.
 from __future__ import annotations
 
 from streamspace_sdk.agent._backoff import Backoff
-from streamspace_sdk.agent._runtime import AGENT_PATH, Agent, agent_url
+from streamspace_sdk.agent._runtime import AGENT_PATH, Agent, agent_url, event_loop_factory
 
-__all__ = ["AGENT_PATH", "Agent", "Backoff", "agent_url"]
+__all__ = ["AGENT_PATH", "Agent", "Backoff", "agent_url", "event_loop_factory"]

@@ -10,7 +10,7 @@ import signal
 import socket
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -54,7 +54,7 @@ from streamspace_sdk.protocol import (
 from streamspace_sdk.settings import AgentSettings
 from streamspace_sdk.transport import Transport
 
-__all__ = ["AGENT_PATH", "Agent", "agent_url"]
+__all__ = ["AGENT_PATH", "Agent", "agent_url", "event_loop_factory"]
 
 logger = logging.getLogger("streamspace.agent")
 
@@ -78,6 +78,19 @@ def agent_url(control_plane_url: str) -> str:
     if not path.endswith(_ENDPOINT_PATHS):
         path += AGENT_PATH
     return urlunsplit(parts._replace(path=path))
+
+
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """Return uvloop's loop factory where uvloop is installed, else ``None`` (asyncio's).
+
+    The agent relays every viewer's bytes; uvloop's C event loop costs about a fifth less
+    CPU per megabyte relayed (``bench/vnc_relay.py``) and behaves as asyncio's does.
+    """
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return cast(Callable[[], asyncio.AbstractEventLoop], uvloop.new_event_loop)
 
 
 def _agent_version() -> str:
@@ -291,7 +304,8 @@ class Agent:
         """
         if not logging.getLogger().handlers:
             logging.basicConfig(level=self.settings.log_level, format="%(levelname)s: %(message)s")
-        asyncio.run(self._serve_with_signals())
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+            runner.run(self._serve_with_signals())
 
     async def serve(self) -> None:
         """Run the agent until :meth:`stop`; then shut down cleanly (sessions keep running).
