@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import uvicorn
 
+from streamspace_controlplane import _redact
 from streamspace_controlplane.app import build_control_plane, create_app
 from streamspace_controlplane.core import ControlPlane
 from streamspace_controlplane.settings import ControlPlaneSettings, load_settings
@@ -35,7 +36,7 @@ def _settings(args: argparse.Namespace) -> ControlPlaneSettings:
 def server_config(cp: ControlPlane) -> uvicorn.Config:
     """Return uvicorn's config for ``cp``: websockets without compression (VNC data is
     already compressed; deflate would cost CPU and memory per connection)."""
-    return uvicorn.Config(
+    config = uvicorn.Config(
         create_app(cp),
         host=cp.settings.host,
         port=cp.settings.port,
@@ -45,6 +46,8 @@ def server_config(cp: ControlPlane) -> uvicorn.Config:
         log_level=cp.settings.log_level.lower(),
         proxy_headers=True,
     )
+    _redact.install()  # uvicorn logs WebSocket URLs; VNC and stream tokens ride in them
+    return config
 
 
 def _serve(args: argparse.Namespace) -> int:
