@@ -11,12 +11,12 @@ import asyncio
 import contextlib
 import secrets
 from collections.abc import AsyncIterator
+from http import HTTPStatus
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 from websockets.asyncio.server import ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
@@ -75,10 +75,10 @@ class _FakeRoute:
         self.transport = DedicatedTransport()
         self._next = 0
 
-    def check(self, _conn: ServerConnection, request: Request) -> Response | None:
+    def check(self, conn: ServerConnection, request: Request) -> Response | None:
         token = request.path.removeprefix(PREFIX)
         if not request.path.startswith(PREFIX) or token not in self.waiting:
-            return Response(403, "Forbidden", Headers(), b"unknown stream token\n")
+            return conn.respond(HTTPStatus.FORBIDDEN, "unknown stream token\n")
         return None
 
     async def handler(self, ws: ServerConnection) -> None:
