@@ -326,7 +326,7 @@ def login_throttle(cp: ControlPlane) -> LoginThrottle:
 
 
 def hash_token(token: str) -> str:
-    """Return the hex SHA-256 of an agent token: what the store keeps and looks up."""
+    """Return the hex SHA-256 of a token (agent, VNC or stream): all that is kept of it."""
     return hashlib.sha256(token.encode()).hexdigest()
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import secrets
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from starlette.routing import BaseRoute, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
 from streamspace_controlplane._errors import ApiError
+from streamspace_controlplane.auth import hash_token
 from streamspace_controlplane.core import ControlPlane
 from streamspace_controlplane.http import error_response
 from streamspace_sdk.errors import StreamRefused
@@ -138,7 +138,7 @@ class DedicatedStreams:
                 or its socket is closed.
         """
         token = secrets.token_urlsafe(32)
-        key = _hash(token)
+        key = hash_token(token)
         self._next_id = self._next_id % 0xFFFFFFFF + 1
         pending = _Pending(conn.conn_id, self._next_id)
         self._pending[key] = pending
@@ -178,7 +178,7 @@ class DedicatedStreams:
 
     def claim(self, token: str) -> _Pending | None:
         """Use up ``token``; return the stream waiting for it, if any."""
-        key = _hash(token)
+        key = hash_token(token)
         pending = self._pending.get(key)
         if pending is None or pending.arrived.done():
             return None
@@ -207,10 +207,6 @@ class DedicatedStreams:
         stream_key = (pending.conn_id, pending.stream_id)
         if self._by_stream.get(stream_key) == key:
             del self._by_stream[stream_key]
-
-
-def _hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def dedicated_streams(cp: ControlPlane) -> DedicatedStreams:

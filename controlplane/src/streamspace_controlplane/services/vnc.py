@@ -8,7 +8,6 @@ a token is redeemed on the replica that issued it or not at all, and it is usele
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import time
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from streamspace_controlplane._errors import ApiError
+from streamspace_controlplane.auth import hash_token
 from streamspace_controlplane.core import ControlPlane
 from streamspace_controlplane.models import Session
 from streamspace_controlplane.services import sessions
@@ -65,7 +65,7 @@ class VncTokens:
         self._evict()
         token = secrets.token_urlsafe(32)
         grant = VncGrant(session_id, username, self._clock() + self.ttl_s)
-        self._grants[_hash(token)] = grant
+        self._grants[hash_token(token)] = grant
         return token, grant
 
     def redeem(self, token: str, session_id: str) -> VncGrant | None:
@@ -73,7 +73,7 @@ class VncTokens:
 
         A token presented for another session is used up all the same.
         """
-        grant = self._grants.pop(_hash(token), None)
+        grant = self._grants.pop(hash_token(token), None)
         if grant is None or grant.session_id != session_id:
             return None
         if self._clock() >= grant.expires_at:
@@ -86,10 +86,6 @@ class VncTokens:
             del self._grants[key]
         while len(self._grants) >= MAX_TOKENS:
             del self._grants[next(iter(self._grants))]
-
-
-def _hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def tokens(cp: ControlPlane) -> VncTokens:
