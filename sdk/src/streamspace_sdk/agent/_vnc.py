@@ -17,6 +17,7 @@ import logging
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from streamspace_sdk.agent._tcp import VncConnection, open_vnc_connection
 from streamspace_sdk.errors import ProtocolError, StreamSpaceError
 from streamspace_sdk.platform import Platform
 from streamspace_sdk.protocol import Frame, VncClose, VncCredit, VncOpen, VncOpened, dump_frame
@@ -26,9 +27,6 @@ from streamspace_sdk.transports.mux import MuxStreams, MuxTransport
 __all__ = ["SocketLink", "VncRelay"]
 
 logger = logging.getLogger("streamspace.agent.vnc")
-
-_READ_BYTES = 256 * 1024
-"""Bytes read from the VNC server at a time; a quarter of the default window."""
 
 
 class SocketLink:
@@ -152,7 +150,7 @@ class VncRelay:
             try:
                 endpoint = await self._platform.vnc_endpoint(request.session_id)
                 async with asyncio.timeout(self._connect_timeout_s):
-                    reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+                    server = await open_vnc_connection(endpoint.host, endpoint.port)
             except StreamSpaceError as exc:
                 await self._refuse(link, request.stream_id, f"session {request.session_id}: {exc}")
                 return
@@ -173,16 +171,14 @@ class VncRelay:
             self.opened += 1
             self.active += 1
             try:
-                await _pump_both(stream, reader, writer)
+                await _pump_both(stream, server)
             except ConnectionError:
                 pass
             finally:
                 self.active -= 1
                 await stream.close()
         finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+            await server.close()
 
     async def _refuse(self, link: SocketLink, stream_id: int, reason: str) -> None:
         logger.warning("Refused VNC stream %d: %s", stream_id, reason)
@@ -194,19 +190,16 @@ class VncRelay:
             await link.send(VncClose(stream_id=stream_id, reason=reason[:200]))
 
 
-async def _pump_both(
-    stream: ByteStream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-) -> None:
+async def _pump_both(stream: ByteStream, server: VncConnection) -> None:
     """Relay until either side ends; the caller closes both."""
 
     async def to_viewer() -> None:
-        while data := await reader.read(_READ_BYTES):
+        while data := await server.read():
             await stream.write(data)
 
     async def to_server() -> None:
         while data := await stream.read():
-            writer.write(data)
-            await writer.drain()
+            await server.write(data)
 
     tasks = [asyncio.create_task(to_viewer()), asyncio.create_task(to_server())]
     try:
