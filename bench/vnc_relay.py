@@ -1,4 +1,4 @@
-"""What the VNC path costs: raw TCP, websockify, and ours (control plane + agent, ``ws-mux``).
+"""What the VNC path costs: raw TCP, websockify, and ours (control plane + agent) per transport.
 
 Starts, each as its own process:
 
@@ -7,9 +7,10 @@ Starts, each as its own process:
   sends that many bytes as fast as the socket takes them, then closes (throughput);
 - ``websockify`` (the PyPI package) in front of that target;
 - ``streamspace-controlplane serve`` (SQLite, memory hub) with a ``bench`` template;
-- a real :class:`streamspace_sdk.Agent` (this script with ``--agent``) whose platform is a
+- one real :class:`streamspace_sdk.Agent` per transport (this script with ``--agent``, on
+  the event loop ``Agent.run`` uses), whose platform is a
   :class:`~streamspace_sdk.testing.MemoryPlatform` pointing every session's VNC endpoint at
-  the target, speaking ``ws-mux`` to the control plane.
+  the target: one speaking ``ws-mux`` to the control plane, one ``ws-dedicated``.
 
 A session is started through REST and, once ``running``, each viewer connection gets its own
 VNC token. Then, in this process, with the same payloads for every path:
@@ -17,11 +18,15 @@ VNC token. Then, in this process, with the same payloads for every path:
 - throughput: a ``--stream-mib`` stream from the target, best and median of ``--repeat``;
 - round trip: ``--echoes`` echoes of ``--echo-bytes`` bytes, one at a time; p50 and p99;
 
-over (1) raw TCP to the target, (2) websockify's WebSocket, (3) ``/vnc/{id}?token=...``.
-WebSocket clients use the ``websockets`` library, subprotocol ``binary``, no compression.
-Ratios are to websockify. Last, one viewer reads slowly (``--slow-kib-s``) while another
-reads a ``--memory-mib`` stream at full speed through our path, and the control plane's
-resident memory is sampled throughout; its peak is printed (VmHWM included).
+over (1) raw TCP to the target, (2) websockify's WebSocket, (3) ``/vnc/{id}?token=...`` of a
+session on each agent. WebSocket clients use the ``websockets`` library, subprotocol
+``binary``, no compression. Ratios are to websockify. The CPU time the relaying processes
+spent during the throughput runs is printed per MB (websockify with its per-client child;
+ours as control plane + agent): on a machine with few cores the client, the target and
+every relay share them, so CPU per MB is the figure that does not depend on the core count.
+Last, for each transport, one viewer reads slowly (``--slow-kib-s``) while another reads a
+``--memory-mib`` stream at full speed through our path, and the control plane's resident
+memory is sampled throughout; its peak is printed (VmHWM included).
 
 Usage: ``pip install websockify`` (the baseline), then
 ``python bench/vnc_relay.py [--stream-mib 64] [--echoes 2000] [--repeat 3]``.
@@ -450,7 +455,7 @@ async def run(args: argparse.Namespace) -> None:
             f"round trip {args.echoes} x {args.echo_bytes}-byte echoes; MB = 10^6 bytes"
         )
         print(
-            f"{'path':<16}{'MB/s best':>11}{'MB/s med':>10}{'RTT p50 us':>12}{'RTT p99 us':>12}"
+            f"{'path':<20}{'MB/s best':>11}{'MB/s med':>10}{'RTT p50 us':>12}{'RTT p99 us':>12}"
             f"{'relay CPU ms/MB':>17}"  # control plane + agent for ours
         )
         for name, r in results.items():
@@ -459,7 +464,7 @@ async def run(args: argparse.Namespace) -> None:
             if len(per_mb) > 1:
                 cpu += " (" + " + ".join(f"{c:.2f}" for c in per_mb) + ")"
             print(
-                f"{name:<16}{r['best']:>11.0f}{r['median']:>10.0f}{r['p50']:>12.0f}{r['p99']:>12.0f}"
+                f"{name:<20}{r['best']:>11.0f}{r['median']:>10.0f}{r['p50']:>12.0f}{r['p99']:>12.0f}"
                 + cpu
             )
         ref = results["websockify"]
