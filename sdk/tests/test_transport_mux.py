@@ -16,6 +16,7 @@ from websockets.exceptions import ConnectionClosed
 from streamspace_sdk import drivers
 from streamspace_sdk.errors import ProtocolError, StreamRefused
 from streamspace_sdk.protocol import (
+    MAX_BINARY_PAYLOAD_BYTES,
     Frame,
     VncClose,
     VncCredit,
@@ -174,9 +175,10 @@ async def test_opened_for_a_stream_nobody_opens_is_answered_with_close(pair: _Pa
 @pytest.mark.asyncio
 async def test_overrunning_the_window_closes_the_stream(pair: _Pair) -> None:
     agent, viewer = await pair.open()
-    # Bypass the credit accounting: a peer that ignores flow control.
-    await pair.agent_link.send_binary(encode_data(agent.stream_id, b"x" * 200_000))  # type: ignore[attr-defined]
-    await pair.agent_link.send_binary(encode_data(agent.stream_id, b"x" * 200_000))  # type: ignore[attr-defined]
+    # Bypass the credit accounting: a peer that ignores flow control sends past the window.
+    frame = encode_data(agent.stream_id, b"x" * MAX_BINARY_PAYLOAD_BYTES)  # type: ignore[attr-defined]
+    for _ in range(pair.cp.window_bytes // MAX_BINARY_PAYLOAD_BYTES + 1):
+        await pair.agent_link.send_binary(frame)
     assert await asyncio.wait_for(agent.read(), 10) == b""  # the viewer never read
     assert viewer.closed  # type: ignore[attr-defined]
     assert "flow control" in agent.close_reason

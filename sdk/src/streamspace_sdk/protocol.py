@@ -69,7 +69,7 @@ MAX_TEXT_FRAME_BYTES = 1024 * 1024
 """Largest text frame accepted: a hello listing 10,000 sessions fits; a runaway peer does not."""
 
 MAX_BINARY_PAYLOAD_BYTES = 256 * 1024
-"""Largest VNC payload in one binary frame; equal to the default credit window."""
+"""Largest VNC payload in one binary frame (a quarter of the default credit window)."""
 
 _DATA_KIND = 0x01
 _HEADER = struct.Struct(">BI")
