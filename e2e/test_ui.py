@@ -141,9 +141,17 @@ async def test_ui_logs_in_starts_a_desktop_shows_it_and_stops_it(
     await page.locator("#screen canvas").screenshot(path=tmp_path / "desktop.png")
     print(f"\nscreenshots: {shot} and {tmp_path / 'desktop.png'}")
 
-    # Stop it from the sessions page; the viewer's socket ends with the desktop.
+    # Hibernate and wake it from the sessions page: compute goes, then comes back.
     await page.goto("/ui/sessions")
     row = page.locator(f'tr[data-session="{session_id}"]')
+    await row.get_by_role("button", name=f"Hibernate {session_id}").click()
+    await expect(row).to_have_attribute("data-state", "hibernated", timeout=START_TIMEOUT_MS)
+    assert (await get_session(admin, session_id))["state"] == "hibernated"
+    await row.get_by_role("button", name=f"Wake {session_id}").click()
+    await expect(row).to_have_attribute("data-state", "running", timeout=START_TIMEOUT_MS)
+    assert (await get_session(admin, session_id))["state"] == "running"
+
+    # Stop it from the sessions page; the viewer's socket ends with the desktop.
     await row.get_by_role("button", name=f"Stop {session_id}").click()
     await expect(row).to_have_attribute("data-desired", "stopped")
     await expect(row).to_have_attribute("data-state", "stopped", timeout=START_TIMEOUT_MS)
