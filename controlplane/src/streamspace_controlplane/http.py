@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
+from starlette.websockets import WebSocket
 
 from streamspace_controlplane import auth
 from streamspace_controlplane._errors import ERROR_CODES, ApiError, validation_error
@@ -30,6 +31,7 @@ __all__ = [
     "authorize",
     "client_address",
     "control_plane",
+    "deny_websocket",
     "error_response",
     "exception_handlers",
     "json_response",
@@ -91,6 +93,19 @@ def error_response(
         headers=dict(headers or {}),
         media_type="application/json",
     )
+
+
+async def deny_websocket(
+    websocket: WebSocket, exc: ApiError, close_code: int, reason: str = ""
+) -> None:
+    """Refuse a WebSocket before accepting it: ``exc`` as an HTTP error response where the
+    server supports denial responses, else a close with ``close_code`` (HTTP 403)."""
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(
+            error_response(exc.status, exc.code, exc.message, exc.headers)
+        )
+    else:
+        await websocket.close(close_code, reason)
 
 
 # -- requests ----------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDiscon
 from streamspace_controlplane import auth
 from streamspace_controlplane._errors import ApiError
 from streamspace_controlplane.core import ControlPlane
-from streamspace_controlplane.http import error_response
+from streamspace_controlplane.http import deny_websocket
 from streamspace_controlplane.routes import streams
 from streamspace_controlplane.services import registry
 from streamspace_sdk._models import WireModel
@@ -155,7 +155,9 @@ async def agent_socket(websocket: WebSocket, *, hello_timeout_s: float = HELLO_T
         )
     except ApiError as exc:
         logger.warning("Refused an agent connection: %s", exc.message)
-        await _deny(websocket, exc)
+        await deny_websocket(
+            websocket, exc, registry.CLOSE_UNAUTHORIZED, _close_reason(exc.message)
+        )
         return
     await websocket.accept()
     gauge = cp.metrics.websockets.labels("agent")
@@ -190,15 +192,6 @@ async def agent_socket(websocket: WebSocket, *, hello_timeout_s: float = HELLO_T
             except Exception:
                 logger.exception("Cleaning up agent connection %s failed", conn.conn_id)
         gauge.dec()
-
-
-async def _deny(websocket: WebSocket, exc: ApiError) -> None:
-    if "websocket.http.response" in websocket.scope.get("extensions", {}):
-        await websocket.send_denial_response(
-            error_response(exc.status, exc.code, exc.message, exc.headers)
-        )
-    else:
-        await websocket.close(registry.CLOSE_UNAUTHORIZED, _close_reason(exc.message))
 
 
 async def _receive_hello(websocket: WebSocket, timeout_s: float) -> AgentHello | None:

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
@@ -28,7 +29,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDiscon
 from streamspace_controlplane._errors import ApiError
 from streamspace_controlplane.auth import hash_token
 from streamspace_controlplane.core import ControlPlane
-from streamspace_controlplane.http import error_response
+from streamspace_controlplane.http import deny_websocket
 from streamspace_sdk.errors import StreamRefused
 from streamspace_sdk.protocol import (
     DEDICATED_STREAM_PATH,
@@ -124,11 +125,7 @@ class DedicatedStreams:
 
     def __init__(self) -> None:
         self._pending: dict[str, _Pending] = {}
-        self._by_stream: dict[tuple[str, int], str] = {}
         self._next_id = 0
-
-    def __len__(self) -> int:
-        return len(self._pending)
 
     async def open(self, conn: AgentSocket, session_id: str, *, timeout_s: float) -> ByteStream:
         """Ask ``conn``'s agent for a stream to ``session_id``; return it once dialled.
@@ -142,7 +139,6 @@ class DedicatedStreams:
         self._next_id = self._next_id % 0xFFFFFFFF + 1
         pending = _Pending(conn.conn_id, self._next_id)
         self._pending[key] = pending
-        self._by_stream[(pending.conn_id, pending.stream_id)] = key
         stream: WebSocketStream | None = None
         try:
             await conn.send(
@@ -187,26 +183,27 @@ class DedicatedStreams:
 
     def refused(self, conn_id: str, frame: VncClose) -> None:
         """The agent said ``vnc.close`` for a stream: end a wait for it with the reason."""
-        key = self._by_stream.get((conn_id, frame.stream_id))
-        pending = self._pending.get(key) if key else None
-        if pending is not None and not pending.arrived.done():
-            pending.arrived.set_exception(StreamRefused(frame.reason or "the agent closed it"))
+        self._fail(
+            lambda p: p.conn_id == conn_id and p.stream_id == frame.stream_id,
+            StreamRefused(frame.reason or "the agent closed it"),
+        )
 
     def connection_closed(self, conn_id: str, reason: str) -> None:
         """The agent's socket is gone: end every wait for a stream of it."""
-        for (cid, _), key in list(self._by_stream.items()):
-            pending = self._pending.get(key)
-            if cid == conn_id and pending is not None and not pending.arrived.done():
-                pending.arrived.set_exception(
-                    StreamRefused(f"the agent's connection is closed: {reason}")
-                )
+        self._fail(
+            lambda p: p.conn_id == conn_id,
+            StreamRefused(f"the agent's connection is closed: {reason}"),
+        )
+
+    def _fail(self, match: Callable[[_Pending], bool], exc: StreamRefused) -> None:
+        # Only streams between vnc.open and the agent's dial wait here: a scan is cheap.
+        for pending in self._pending.values():
+            if match(pending) and not pending.arrived.done():
+                pending.arrived.set_exception(exc)
 
     def _forget(self, key: str, pending: _Pending) -> None:
         if self._pending.get(key) is pending:
             del self._pending[key]
-        stream_key = (pending.conn_id, pending.stream_id)
-        if self._by_stream.get(stream_key) == key:
-            del self._by_stream[stream_key]
 
 
 def dedicated_streams(cp: ControlPlane) -> DedicatedStreams:
@@ -229,10 +226,7 @@ async def stream_socket(websocket: WebSocket) -> None:
     if pending is None:
         logger.info("Refused a dedicated VNC stream socket: unknown or used stream token")
         exc = ApiError(403, "forbidden", "unknown, used or expired stream token")
-        if "websocket.http.response" in websocket.scope.get("extensions", {}):
-            await websocket.send_denial_response(error_response(exc.status, exc.code, exc.message))
-        else:
-            await websocket.close(_CLOSE_POLICY)
+        await deny_websocket(websocket, exc, _CLOSE_POLICY)
         return
     await websocket.accept()
     stream = WebSocketStream(websocket)

@@ -27,7 +27,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDiscon
 
 from streamspace_controlplane._errors import ApiError
 from streamspace_controlplane.core import ControlPlane
-from streamspace_controlplane.http import control_plane, error_response, json_response, require_user
+from streamspace_controlplane.http import control_plane, deny_websocket, json_response, require_user
 from streamspace_controlplane.openapi import Operation
 from streamspace_controlplane.routes.agents import OFFERED_TRANSPORTS, AgentSocket
 from streamspace_controlplane.routes.streams import dedicated_streams
@@ -102,12 +102,7 @@ def _origin_allowed(cp: ControlPlane, websocket: WebSocket) -> bool:
 async def _refuse(websocket: WebSocket, exc: ApiError) -> None:
     """Refuse before accepting: the HTTP status where the server can send one, else 403."""
     logger.info("Refused a VNC viewer: %s", exc.message)
-    if "websocket.http.response" in websocket.scope.get("extensions", {}):
-        await websocket.send_denial_response(
-            error_response(exc.status, exc.code, exc.message, exc.headers)
-        )
-    else:
-        await websocket.close(CLOSE_POLICY)
+    await deny_websocket(websocket, exc, CLOSE_POLICY)
 
 
 async def viewer_socket(websocket: WebSocket) -> None:

@@ -60,7 +60,6 @@ logger = logging.getLogger("streamspace.agent")
 
 AGENT_PATH = AGENT_PATHS[0]
 """The control plane's agent endpoint, appended to ``CONTROL_PLANE_URL``."""
-_ENDPOINT_PATHS = AGENT_PATHS
 
 _GOING_AWAY = 1001
 
@@ -75,7 +74,7 @@ def agent_url(control_plane_url: str) -> str:
     """
     parts = urlsplit(control_plane_url)
     path = parts.path.rstrip("/")
-    if not path.endswith(_ENDPOINT_PATHS):
+    if not path.endswith(AGENT_PATHS):
         path += AGENT_PATH
     return urlunsplit(parts._replace(path=path))
 
