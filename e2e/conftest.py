@@ -78,7 +78,15 @@ def free_port() -> int:
 
 def clean_env(**extra: str) -> dict[str, str]:
     """Return this process's environment without StreamSpace settings, plus ``extra``."""
-    prefixes = ("STREAMSPACE_", "DB_", "AGENT_", "PROCESS_", "CONTROL_PLANE_", "ENABLE_HA")
+    prefixes = (
+        "STREAMSPACE_",
+        "DB_",
+        "AGENT_",
+        "PROCESS_",
+        "CONTROL_PLANE_",
+        "ENABLE_HA",
+        "DOCKER_",
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
     env["STREAMSPACE_LOAD_PLUGINS"] = ""  # no hook plugins from the environment
     env["PYTHONUNBUFFERED"] = "1"
@@ -318,6 +326,8 @@ class Agent:
     state_dir: Path
     log: Path
     health_port: int = field(default_factory=free_port)
+    env: dict[str, str] = field(default_factory=dict)
+    """Settings over ``AGENT_ENV`` (``PLATFORM=docker`` and the platform's own)."""
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -338,7 +348,7 @@ class Agent:
             PROCESS_STATE_DIR=str(self.state_dir),
             HEALTH_HOST="127.0.0.1",
             HEALTH_PORT=str(self.health_port),
-            **AGENT_ENV,
+            **(AGENT_ENV | self.env),
         )
         with self.log.open("ab") as log:
             log.write(b"===== start =====\n")
@@ -410,7 +420,12 @@ class Agents:
         return self._tokens[agent_id]
 
     async def start(
-        self, agent_id: str = AGENT_ID, state_dir: Path | None = None, *, ready: bool = True
+        self,
+        agent_id: str = AGENT_ID,
+        state_dir: Path | None = None,
+        *,
+        ready: bool = True,
+        env: dict[str, str] | None = None,
     ) -> Agent:
         """Start an agent process; by default with a state directory of its own."""
         n = next(self._names)
@@ -421,6 +436,7 @@ class Agents:
             control_plane_url=self.cp.ws_url,
             state_dir=state_dir or self.root / f"state{n}",
             log=self.root / f"agent{n}.log",
+            env=env or {},
         )
         self._add(agent)
         agent.start()
@@ -437,6 +453,7 @@ class Agents:
             control_plane_url=agent.control_plane_url,
             state_dir=agent.state_dir,
             log=agent.log.with_name(f"{agent.log.stem}+.log"),
+            env=agent.env,
         )
         self._add(new)
         new.start()

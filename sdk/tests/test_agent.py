@@ -23,7 +23,14 @@ from typing import Any
 
 import pytest
 
-from streamspace_sdk import Agent, AgentSettings, ConfigError, SessionVetoed, hookimpl
+from streamspace_sdk import (
+    Agent,
+    AgentSettings,
+    ConfigError,
+    PlatformError,
+    SessionVetoed,
+    hookimpl,
+)
 from streamspace_sdk.agent import AGENT_PATH, Backoff, agent_url
 from streamspace_sdk.agent._status import GONE_DETAIL
 from streamspace_sdk.cli import main
@@ -755,6 +762,24 @@ async def test_health_port_in_use_is_a_config_error() -> None:
                 ConfigError, match=f"HEALTH_PORT: cannot listen on 127.0.0.1:{port}"
             ):
                 await agent.serve()
+
+
+class UnreachablePlatform(MemoryPlatform):
+    """A platform whose check fails, as the docker platform's does with no engine."""
+
+    async def check(self) -> None:
+        raise PlatformError("the engine at unix:///nowhere did not answer")
+
+
+@pytest.mark.asyncio
+async def test_a_failing_platform_check_stops_the_agent_before_it_connects() -> None:
+    """The agent checks its platform first: a platform that cannot run sessions stops it
+    with the platform's reason, and the control plane never sees it."""
+    async with FakeControlPlane(token=TOKEN) as fake:
+        agent = make_agent(fake, UnreachablePlatform(agent_id="agent-1"))
+        with pytest.raises(PlatformError, match="unix:///nowhere did not answer"):
+            await agent.serve()
+        assert fake.connections == []
 
 
 # -- shutting down ---------------------------------------------------------------------------

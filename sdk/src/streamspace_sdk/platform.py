@@ -249,6 +249,17 @@ class Platform(ABC):
         sessions = await self._list_sessions()
         return Usage(sessions=sum(1 for s in sessions if s.state in _ACTIVE))
 
+    async def check(self) -> None:
+        """Fail now, saying what to fix, if sessions could not start at all (the platform
+        unreachable, a required program missing). The agent calls it once at start-up and
+        exits on failure; by default it checks nothing.
+
+        Raises:
+            PlatformError: what is wrong and how to fix it.
+
+        .. versionadded:: 0.5
+        """
+
     async def close(self) -> None:
         """Release clients and files; sessions keep running."""
 

@@ -310,6 +310,7 @@ class Agent:
         """Run the agent until :meth:`stop`; then shut down cleanly (sessions keep running).
 
         Raises:
+            PlatformError: the platform's :meth:`~streamspace_sdk.Platform.check` failed.
             ConfigError: ``HEALTH_PORT`` cannot be listened on.
             RuntimeError: the agent is already serving, or has served.
         """
@@ -318,6 +319,7 @@ class Agent:
         self._serving = True
         main: asyncio.Task[None] | None = None
         try:
+            await self.platform.check()
             await self._start_health()
             logger.info(
                 "Starting StreamSpace agent %s (platform %s, control plane %s, HA %s)",

@@ -262,7 +262,7 @@ class ProcessPlatform(Platform):
         """Fail now, saying what to install or fix, if sessions with the default command
         could not start: ``Xvnc`` or ``xterm`` missing, or the state directory not writable.
 
-        The agent calls it at start-up.
+        The agent calls it at start-up and exits if it fails.
 
         Raises:
             PlatformError: naming the missing program and the Debian package to install.
