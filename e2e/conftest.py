@@ -270,8 +270,7 @@ class ControlPlane:
             PORT=str(self.port),
             ADMIN_PASSWORD=ADMIN_PASSWORD,
             JWT_SECRET=JWT_SECRET,
-            **CONTROL_PLANE_ENV,
-            **self.env,
+            **(CONTROL_PLANE_ENV | self.env),
         )
         self.starts += 1
         with self.log.open("ab") as log:
