@@ -9,15 +9,17 @@ import textwrap
 from typing import Any
 
 import docker
+import hypothesis
 import pytest
-from conftest import DOCKER_HOST
+from conftest import DOCKER_HOST, RUN
 
 from streamspace_lease_swarm import LABEL_PREFIX, SwarmLease
 from streamspace_lease_swarm.lease import _Conflict
 from streamspace_sdk.clock import Clock, SystemClock
 from streamspace_sdk.errors import ConfigError, LeaseError, LeaseLost
+from streamspace_sdk.lease import Lease
 from streamspace_sdk.settings import load_settings
-from streamspace_sdk.testing import LeaseConformance, LeaseFactory
+from streamspace_sdk.testing import ElectionMachine, LeaseConformance, LeaseFactory
 
 
 class TestSwarmLeaseConformance(LeaseConformance):
@@ -173,3 +175,14 @@ def test_bad_settings_name_the_variable(
     monkeypatch.setenv(variable, value)
     with pytest.raises(ConfigError, match=variable):
         load_settings(SwarmLease.Settings)
+
+
+class SwarmElection(ElectionMachine):
+    def make_lease(self, clock: Clock, key: str) -> Lease:
+        return make(f"t{RUN}-{key}", clock)
+
+
+TestSwarmElection = SwarmElection.TestCase
+TestSwarmElection.settings = hypothesis.settings(
+    max_examples=8, stateful_step_count=15, deadline=None
+)

@@ -9,6 +9,7 @@ suite                      required fixture        checks
 ``LeaseConformance``       ``lease_factory``       acquire, renew, release, expiry, fencing
 ``PlatformConformance``    ``platform_factory``    start/stop idempotency, adoption, hibernate
 ``TransportConformance``   ``transport_pair``      bytes intact, close, backpressure, streams
+``ElectionMachine``        ``make_lease`` method   one leader at a time, epochs that grow
 =========================  ======================  ==========================================
 """
 
@@ -23,6 +24,7 @@ from streamspace_sdk.testing.doubles import (
     MemoryPlatformState,
     memory_stream_pair,
 )
+from streamspace_sdk.testing.election import ElectionMachine, FaultyLease
 from streamspace_sdk.testing.fake_control_plane import FakeControlPlane
 from streamspace_sdk.testing.lease import LeaseConformance, LeaseFactory
 from streamspace_sdk.testing.platform import (
@@ -36,8 +38,10 @@ from streamspace_sdk.testing.transport import StreamPairFactory, TransportConfor
 __all__ = [
     "AdvancingClock",
     "BaseConformance",
+    "ElectionMachine",
     "FakeClock",
     "FakeControlPlane",
+    "FaultyLease",
     "HomeProbe",
     "LeaseConformance",
     "LeaseFactory",
