@@ -9,6 +9,8 @@ import socket
 import statistics
 from pathlib import Path
 
+import httpx
+
 
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that is free now."""
@@ -37,6 +39,19 @@ def base_env() -> dict[str, str]:
     """The environment for a benchmark's servers: ours, without StreamSpace or DB settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("STREAMSPACE_", "DB_"))}
     return env | {"STREAMSPACE_LOAD_PLUGINS": "", "LOG_LEVEL": "WARNING"}
+
+
+async def wait_ready(url: str, proc: asyncio.subprocess.Process, what: str) -> None:
+    """Wait until ``url`` answers 200; exit the benchmark if ``proc`` dies or 60 s pass."""
+    async with httpx.AsyncClient(timeout=2) as http:
+        for _ in range(600):
+            if proc.returncode is not None:
+                raise SystemExit(f"{what} exited with {proc.returncode}")
+            with contextlib.suppress(httpx.HTTPError):
+                if (await http.get(url)).status_code == 200:
+                    return
+            await asyncio.sleep(0.1)  # a separate process: nothing to await but its port
+    raise SystemExit(f"{what} did not become ready in 60 s")
 
 
 async def stop_process(proc: asyncio.subprocess.Process) -> None:

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import httpx
-from _common import base_env, free_port, quantiles, stop_process
+from _common import base_env, free_port, quantiles, stop_process, wait_ready
 
 from streamspace_sdk.platform import SessionSpec
 from streamspace_sdk.platforms.process import ProcessPlatform
@@ -44,18 +44,6 @@ from streamspace_sdk.platforms.process import ProcessPlatform
 ADMIN_PASSWORD = "bench-admin-password"
 AGENT_ID = "bench-agent"
 TEMPLATE = {"name": "desktop", "display_name": "Desktop", "platform": "process"}
-
-
-async def wait_ready(url: str, proc: asyncio.subprocess.Process, what: str) -> None:
-    async with httpx.AsyncClient(timeout=2) as http:
-        for _ in range(600):
-            if proc.returncode is not None:
-                raise SystemExit(f"{what} exited with {proc.returncode}")
-            with contextlib.suppress(httpx.HTTPError):
-                if (await http.get(url)).status_code == 200:
-                    return
-            await asyncio.sleep(0.1)  # a separate process: nothing to await but its port
-    raise SystemExit(f"{what} did not become ready in 60 s")
 
 
 def kill_leftover_sessions(state_dir: Path) -> None:

@@ -358,11 +358,11 @@ async def test_lease_file_that_is_not_a_regular_file(
         await make(lease_path, fake_clock).try_acquire("a", DURATION_S)
 
 
-@pytest.mark.parametrize("under", ["afile/lease", "afile/deeper/lease"])
+@pytest.mark.parametrize("under", ["plain_file/lease", "plain_file/deeper/lease"])
 @pytest.mark.asyncio
 async def test_parent_that_is_a_file(tmp_path: Path, fake_clock: FakeClock, under: str) -> None:
     """No one, root included, can make a file under a regular file."""
-    plant(tmp_path / "afile", b"a regular file\n")
+    plant(tmp_path / "plain_file", b"a regular file\n")
     path = tmp_path / under
     lease = make(path, fake_clock)
     for call in (lease.try_acquire("a", DURATION_S), lease.read()):
