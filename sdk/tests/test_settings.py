@@ -464,3 +464,25 @@ def test_plugin_settings_refuse_unknown_keywords() -> None:
     """PluginSettings keeps extra=forbid from the base even though it overrides its config."""
     with pytest.raises(ConfigError, match="STREAMSPACE_LOAD_PLUGIN"):
         load_settings(PluginSettings, streamspace_load_plugin="a")
+
+
+def test_driver_settings_reads_the_environment_or_checks_the_type(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from streamspace_sdk.platforms.process import ProcessPlatform
+    from streamspace_sdk.settings import driver_settings
+
+    monkeypatch.setenv("MAX_SESSIONS", "3")
+    read = driver_settings(ProcessPlatform.Settings, None, "ProcessPlatform")
+    assert read.max_sessions == 3
+    given = ProcessPlatform.Settings(max_sessions=5)
+    assert driver_settings(ProcessPlatform.Settings, given, "ProcessPlatform") is given
+    with pytest.raises(ConfigError, match=r"ProcessPlatform needs ProcessPlatform\.Settings, not"):
+        driver_settings(
+            ProcessPlatform.Settings,
+            AgentSettings(agent_id="a", control_plane_url="ws://x"),
+            "ProcessPlatform",
+        )
+    monkeypatch.setenv("MAX_SESSIONS", "many")
+    with pytest.raises(ConfigError, match="MAX_SESSIONS"):
+        driver_settings(ProcessPlatform.Settings, None, "ProcessPlatform")

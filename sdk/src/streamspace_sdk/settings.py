@@ -20,6 +20,7 @@ __all__ = [
     "Duration",
     "PluginSettings",
     "StreamSpaceSettings",
+    "driver_settings",
     "load_settings",
     "parse_duration",
 ]
@@ -194,6 +195,20 @@ def load_settings(cls: type[S], /, **values: Any) -> S:
         return cls(**values)
     except ValidationError as exc:
         raise ConfigError(describe_errors(cls, exc)) from None
+
+
+def driver_settings(cls: type[S], given: object, owner: str) -> S:
+    """Return a driver's settings: ``given``, or ``cls`` read from the environment if it is
+    ``None``. What drivers call first in their constructor.
+
+    Raises:
+        ConfigError: ``given`` is not a ``cls``, or a variable is missing or bad.
+    """
+    if given is None:
+        return load_settings(cls)
+    if not isinstance(given, cls):
+        raise ConfigError(f"{owner} needs {cls.__qualname__}, not {type(given).__name__}")
+    return given
 
 
 def describe_errors(cls: type[BaseSettings], exc: ValidationError) -> str:

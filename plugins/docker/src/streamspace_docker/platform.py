@@ -24,7 +24,7 @@ import docker
 import requests
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from streamspace_sdk.errors import ConfigError, PlatformError, SessionNotFound
+from streamspace_sdk.errors import PlatformError, SessionNotFound
 from streamspace_sdk.platform import (
     LABEL_AGENT_ID,
     LABEL_MANAGED_BY,
@@ -39,7 +39,7 @@ from streamspace_sdk.platform import (
     Usage,
     VncEndpoint,
 )
-from streamspace_sdk.settings import Duration, StreamSpaceSettings, load_settings
+from streamspace_sdk.settings import Duration, StreamSpaceSettings, driver_settings
 
 __all__ = [
     "LABEL_DESIRED",
@@ -243,12 +243,7 @@ class DockerPlatform(Platform):
             return value
 
     def __init__(self, settings: StreamSpaceSettings | None = None, *, agent_id: str) -> None:
-        if settings is None:
-            settings = load_settings(DockerPlatform.Settings)
-        if not isinstance(settings, DockerPlatform.Settings):
-            raise ConfigError(
-                f"DockerPlatform needs DockerPlatform.Settings, not {type(settings).__name__}"
-            )
+        settings = driver_settings(DockerPlatform.Settings, settings, "DockerPlatform")
         super().__init__(settings, agent_id=agent_id)
         self.config: DockerPlatform.Settings = settings
         self.network = f"{settings.network_prefix}-{agent_id}"

@@ -26,9 +26,9 @@ from typing import TypeVar
 from pydantic import ValidationError, field_validator
 
 from streamspace_sdk.clock import Clock
-from streamspace_sdk.errors import ConfigError, LeaseError, LeaseLost
+from streamspace_sdk.errors import LeaseError, LeaseLost
 from streamspace_sdk.lease import Lease, LeaseRecord
-from streamspace_sdk.settings import StreamSpaceSettings, load_settings
+from streamspace_sdk.settings import StreamSpaceSettings, driver_settings
 
 __all__ = ["DEFAULT_LEASE_FILE", "FileLease"]
 
@@ -103,10 +103,7 @@ class FileLease(Lease):
     def __init__(
         self, settings: StreamSpaceSettings | None = None, *, clock: Clock | None = None
     ) -> None:
-        if settings is None:
-            settings = load_settings(FileLease.Settings)
-        if not isinstance(settings, FileLease.Settings):
-            raise ConfigError(f"FileLease needs FileLease.Settings, not {type(settings).__name__}")
+        settings = driver_settings(FileLease.Settings, settings, "FileLease")
         super().__init__(settings, clock=clock)
         self.config: FileLease.Settings = settings
         self.path: Path = settings.lease_file

@@ -30,7 +30,7 @@ from redis.backoff import NoBackoff
 from streamspace_sdk.clock import Clock
 from streamspace_sdk.errors import ConfigError, LeaseError, LeaseLost
 from streamspace_sdk.lease import Lease, LeaseRecord
-from streamspace_sdk.settings import StreamSpaceSettings, load_settings
+from streamspace_sdk.settings import StreamSpaceSettings, driver_settings
 
 __all__ = ["RedisLease"]
 
@@ -182,12 +182,7 @@ class RedisLease(Lease):
     def __init__(
         self, settings: StreamSpaceSettings | None = None, *, clock: Clock | None = None
     ) -> None:
-        if settings is None:
-            settings = load_settings(RedisLease.Settings)
-        if not isinstance(settings, RedisLease.Settings):
-            raise ConfigError(
-                f"RedisLease needs RedisLease.Settings, not {type(settings).__name__}"
-            )
+        settings = driver_settings(RedisLease.Settings, settings, "RedisLease")
         super().__init__(settings, clock=clock)
         self.config: RedisLease.Settings = settings
         secret = settings.redis_url.get_secret_value()

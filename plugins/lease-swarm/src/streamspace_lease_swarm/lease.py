@@ -22,9 +22,9 @@ import requests
 from pydantic import Field, field_validator
 
 from streamspace_sdk.clock import Clock
-from streamspace_sdk.errors import ConfigError, LeaseError, LeaseLost
+from streamspace_sdk.errors import LeaseError, LeaseLost
 from streamspace_sdk.lease import Lease, LeaseRecord
-from streamspace_sdk.settings import Duration, StreamSpaceSettings, load_settings
+from streamspace_sdk.settings import Duration, StreamSpaceSettings, driver_settings
 
 __all__ = ["LABEL_PREFIX", "SwarmLease"]
 
@@ -90,12 +90,7 @@ class SwarmLease(Lease):
     def __init__(
         self, settings: StreamSpaceSettings | None = None, *, clock: Clock | None = None
     ) -> None:
-        if settings is None:
-            settings = load_settings(SwarmLease.Settings)
-        if not isinstance(settings, SwarmLease.Settings):
-            raise ConfigError(
-                f"SwarmLease needs SwarmLease.Settings, not {type(settings).__name__}"
-            )
+        settings = driver_settings(SwarmLease.Settings, settings, "SwarmLease")
         super().__init__(settings, clock=clock)
         self.config: SwarmLease.Settings = settings
         self.object_name = f"streamspace-lease-{settings.lease_key}"

@@ -27,7 +27,7 @@ from typing import Annotated, ClassVar, Literal, NamedTuple
 from pydantic import Field, JsonValue, ValidationError, field_validator
 
 from streamspace_sdk._models import WireModel
-from streamspace_sdk.errors import ConfigError, PlatformError, SessionNotFound
+from streamspace_sdk.errors import PlatformError, SessionNotFound
 from streamspace_sdk.platform import (
     Capacity,
     Platform,
@@ -35,7 +35,7 @@ from streamspace_sdk.platform import (
     SessionStatus,
     VncEndpoint,
 )
-from streamspace_sdk.settings import Duration, StreamSpaceSettings, load_settings
+from streamspace_sdk.settings import Duration, StreamSpaceSettings, driver_settings
 
 __all__ = ["INSTALL_HINT", "PLACEHOLDERS", "SESSION_ID_VARIABLE", "ProcessPlatform"]
 
@@ -236,12 +236,7 @@ class ProcessPlatform(Platform):
             return value.expanduser() if value is not None else None
 
     def __init__(self, settings: StreamSpaceSettings | None = None, *, agent_id: str) -> None:
-        if settings is None:
-            settings = load_settings(ProcessPlatform.Settings)
-        if not isinstance(settings, ProcessPlatform.Settings):
-            raise ConfigError(
-                f"ProcessPlatform needs ProcessPlatform.Settings, not {type(settings).__name__}"
-            )
+        settings = driver_settings(ProcessPlatform.Settings, settings, "ProcessPlatform")
         super().__init__(settings, agent_id=agent_id)
         self.config: ProcessPlatform.Settings = settings
         self.state_dir: Path = settings.process_state_dir
