@@ -1,0 +1,7 @@
+"""StreamSpace on Kubernetes: the ``kubernetes`` platform and the ``kubernetes`` lease."""
+
+from __future__ import annotations
+
+from streamspace_k8s.lease import KubernetesLease
+
+__all__ = ["KubernetesLease"]
