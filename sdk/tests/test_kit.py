@@ -142,3 +142,24 @@ def test_a_correct_driver_passes_everything(outcomes: dict[str, str]) -> None:
     honest = {k: v for k, v in outcomes.items() if k.startswith("TestHonestGap::")}
     assert len(honest) >= 12
     assert set(honest.values()) == {"passed", "xfailed"}
+
+
+def test_platform_options_are_read_into_the_drivers_model() -> None:
+    """``Platform.options`` parses a template's options, and names what is wrong."""
+    from pydantic import BaseModel, ConfigDict
+
+    from streamspace_sdk.errors import PlatformError
+    from streamspace_sdk.platform import SessionSpec
+    from streamspace_sdk.testing import MemoryPlatform
+
+    class Options(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        shm_size_mib: int = 64
+
+    platform = MemoryPlatform(agent_id="a")
+    spec = SessionSpec(session_id="s", generation=1, user="u", template="t")
+    good = spec.model_copy(update={"platform_options": {"shm_size_mib": 512}})
+    assert platform.options(good, Options).shm_size_mib == 512
+    bad = spec.model_copy(update={"platform_options": {"shm_size_mb": 512}})
+    with pytest.raises(PlatformError, match=r"shm_size_mb: Extra inputs.*knows: shm_size_mib"):
+        platform.options(bad, Options)

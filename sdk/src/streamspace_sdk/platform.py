@@ -12,12 +12,12 @@ import asyncio
 import socket
 from abc import ABC, abstractmethod
 from datetime import UTC, datetime
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, TypeVar
 
-from pydantic import AwareDatetime, Field, JsonValue
+from pydantic import AwareDatetime, BaseModel, Field, JsonValue, ValidationError
 
 from streamspace_sdk._models import WireModel
-from streamspace_sdk.errors import NotSupported, SessionNotFound, StaleGeneration
+from streamspace_sdk.errors import NotSupported, PlatformError, SessionNotFound, StaleGeneration
 from streamspace_sdk.settings import StreamSpaceSettings
 
 __all__ = [
@@ -38,6 +38,8 @@ __all__ = [
     "Usage",
     "VncEndpoint",
 ]
+
+M = TypeVar("M", bound=BaseModel)
 
 LABEL_SESSION_ID = "streamspace.io/session-id"
 LABEL_AGENT_ID = "streamspace.io/agent-id"
@@ -272,6 +274,26 @@ class Platform(ABC):
         cluster namespace, a state directory) say so here.
         """
         return socket.gethostname()
+
+    def options(self, spec: SessionSpec, model: type[M]) -> M:
+        """Read the template's ``platform_options`` into the driver's ``model`` (a pydantic
+        model, ``extra="forbid"`` so that a misspelt option is refused).
+
+        Raises:
+            PlatformError: naming each bad option and the options the driver knows.
+
+        .. versionadded:: 0.5
+        """
+        try:
+            return model.model_validate(spec.platform_options)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or '?'}: {e['msg']}" for e in exc.errors()
+            )
+            raise PlatformError(
+                f"the template's platform_options do not suit the {self.name} platform "
+                f"({problems}); it knows: {', '.join(model.model_fields) or 'none'}"
+            ) from None
 
     def labelled(self, spec: SessionSpec) -> SessionSpec:
         """Return ``spec`` with the standard labels set (they win over template labels)."""

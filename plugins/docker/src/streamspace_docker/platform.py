@@ -314,7 +314,7 @@ class DockerPlatform(Platform):
     # -- driver methods ----------------------------------------------------------------------
 
     async def _start(self, spec: SessionSpec) -> SessionStatus:
-        options = _options(spec)
+        options = self.options(spec, DockerOptions)
         if not spec.image:
             raise PlatformError("the docker platform needs an image: set the template's image")
         sid = spec.session_id
@@ -351,7 +351,9 @@ class DockerPlatform(Platform):
         await self._remove_session_containers(session_id)
         hibernated = spec.model_copy(update={"generation": generation})
         try:
-            await self._create(hibernated, _options(hibernated), desired="hibernated")
+            await self._create(
+                hibernated, self.options(hibernated, DockerOptions), desired="hibernated"
+            )
         except PlatformError:
             self._debris[session_id] = _Debris(restore=_placeholder(found, hibernated))
             raise
@@ -475,7 +477,7 @@ class DockerPlatform(Platform):
             if restore is not None:
                 spec = restore.spec()
                 assert spec is not None
-                await self._create(spec, _options(spec), desired="hibernated")
+                await self._create(spec, self.options(spec, DockerOptions), desired="hibernated")
         except PlatformError as exc:
             log.warning("session %s: cleaning up after a failed start failed: %s", session_id, exc)
             self._debris[session_id] = _Debris(volume=volume, restore=restore)
@@ -928,20 +930,6 @@ class DockerPlatform(Platform):
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def _options(spec: SessionSpec) -> DockerOptions:
-    try:
-        return DockerOptions.model_validate(spec.platform_options)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '?'}: {e['msg']}" for e in exc.errors()
-        )
-        known = ", ".join(DockerOptions.model_fields)
-        raise PlatformError(
-            f"the template's platform_options do not suit the docker platform ({problems}); "
-            f"it knows: {known}"
-        ) from None
 
 
 def _safe(text: str) -> str:
