@@ -38,6 +38,7 @@ import re
 import secrets
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -259,14 +260,23 @@ class FakeApiServer:
     def _docker_cleanup(self) -> None:
         api = self._docker
         assert api is not None
-        for row in api.containers(all=True, filters={"label": f"{RUN_LABEL}={self.prefix}"}):
-            with contextlib.suppress(docker.errors.NotFound):
-                api.remove_container(row["Id"], force=True)
+        for _ in range(50):  # removals the kubelet began may still be under way
+            rows = api.containers(all=True, filters={"label": f"{RUN_LABEL}={self.prefix}"})
+            if not rows:
+                break
+            for row in rows:
+                with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                    api.remove_container(row["Id"], force=True)
+            time.sleep(0.1)
         for volume in (
             api.volumes(filters={"label": f"{RUN_LABEL}={self.prefix}"}).get("Volumes") or []
         ):
             with contextlib.suppress(docker.errors.NotFound):
                 api.remove_volume(volume["Name"], force=True)
+        for net in api.networks(names=[f"{self.prefix}-net"]):
+            if net["Name"] == f"{self.prefix}-net":
+                with contextlib.suppress(docker.errors.NotFound):
+                    api.remove_network(net["Id"])
         api.close()
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -378,7 +388,8 @@ class FakeApiServer:
         if verb == "create":
             if not isinstance(body, dict):
                 raise HttpError(400, "BadRequest", "the request body must be an object")
-            created = self._create(kind, namespace, body)
+            dry = request.query.get("dryRun") == "All"
+            created = self._create(kind, namespace, body, dry_run=dry)
             return web.json_response(created, status=201)
         assert name is not None
         if verb == "update":
@@ -501,7 +512,9 @@ class FakeApiServer:
                 raise HttpError(422, "Invalid", f"metadata.labels: Invalid value: {value!r}")
         return meta
 
-    def _create(self, kind: Kind, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+    def _create(
+        self, kind: Kind, namespace: str, body: dict[str, Any], *, dry_run: bool = False
+    ) -> dict[str, Any]:
         meta = self._check_body(kind, body)
         if meta.get("namespace") not in (None, namespace):
             raise HttpError(
@@ -553,6 +566,8 @@ class FakeApiServer:
         if kind.resource == "services":
             obj["spec"].setdefault("type", "ClusterIP")
             obj["spec"]["clusterIP"] = f"10.96.{self._rv % 250}.{len(self.objects) % 250 + 1}"
+        if dry_run:
+            return obj
         meta["resourceVersion"] = self._bump()
         self.objects[key] = obj
         return copy.deepcopy(obj)
@@ -791,7 +806,7 @@ class FakeApiServer:
             if uid not in self._pods:
                 run = _PodRun()
                 self._pods[uid] = run
-                run.task = asyncio.create_task(self._run_pod(key, uid, run))
+                run.task = asyncio.create_task(self._run_pod_reporting(key, uid, run))
         for uid in [u for u in self._pods if u not in live]:
             run = self._pods.pop(uid)
             if run.task is not None:
@@ -821,7 +836,7 @@ class FakeApiServer:
         cid = run.container_id
 
         def remove(api: docker.APIClient) -> None:
-            with contextlib.suppress(docker.errors.NotFound):
+            with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
                 api.remove_container(cid, force=True, v=True)
 
         await self._engine(remove)
@@ -883,6 +898,35 @@ class FakeApiServer:
         ]:
             return
         self._set_status(key, status)
+
+    async def _run_pod_reporting(
+        self, key: tuple[str, str, str, str], uid: str, run: _PodRun
+    ) -> None:
+        """Run the pod; an engine error is the kubelet's CreateContainerError."""
+        try:
+            await self._run_pod(key, uid, run)
+        except docker.errors.APIError as exc:
+            pod = self.objects.get(key)
+            if pod is not None:
+                c = pod["spec"]["containers"][0]
+                self._pod_status(
+                    key,
+                    "Pending",
+                    {
+                        "name": c["name"],
+                        "image": c["image"],
+                        "imageID": "",
+                        "ready": False,
+                        "restartCount": 0,
+                        "started": False,
+                        "state": {
+                            "waiting": {
+                                "reason": "CreateContainerError",
+                                "message": str(exc.explanation or exc),
+                            }
+                        },
+                    },
+                )
 
     async def _run_pod(self, key: tuple[str, str, str, str], uid: str, run: _PodRun) -> None:
         pod = self.objects[key]
@@ -983,12 +1027,18 @@ class FakeApiServer:
         env = {e["name"]: e.get("value", "") for e in c.get("env") or []}
         labels = {RUN_LABEL: self.prefix}
 
+        network = f"{self.prefix}-net"
+
         def create(api: docker.APIClient) -> tuple[str, dict[int, int]]:
+            if not api.networks(names=[network]):
+                with contextlib.suppress(docker.errors.APIError):
+                    api.create_network(network, driver="bridge", labels=labels)
             for name in volumes.values():
                 api.create_volume(name, labels=labels)
             host_config = api.create_host_config(
                 binds=binds,
                 port_bindings={p: ("127.0.0.1", None) for p in ports},
+                network_mode=network,
             )
             made = api.create_container(
                 c["image"],
@@ -1028,7 +1078,7 @@ class FakeApiServer:
                 target = next(
                     int(p["containerPort"]) for p in c["ports"] if p.get("name") == target
                 )
-            probe_port = run.ports.get(int(target))
+            probe_port = int(target)
         cid = run.container_id
         ready = False
         while key in self.objects:
@@ -1061,7 +1111,9 @@ class FakeApiServer:
                     },
                 )
                 return
-            now_ready = probe_port is None or await _tcp_probe(probe_port)
+            now_ready = probe_port is None or await self._engine(
+                lambda api: listening(api, cid, probe_port)
+            )
             if now_ready != ready:
                 ready = now_ready
                 self._pod_status(key, "Running", {**running, "ready": ready}, ready=ready)
@@ -1134,25 +1186,18 @@ def _pod_ready(pod: dict[str, Any]) -> bool:
     )
 
 
-async def _tcp_probe(port: int) -> bool:
-    """A TCP readiness probe through Docker's port publishing: Docker's proxy accepts the
-    connection even when nothing listens inside, then closes it at once; so a connection
-    that stays open (or greets) for a moment counts as answered."""
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1)
-    except (OSError, TimeoutError):
-        return False
-    try:
-        data = await asyncio.wait_for(reader.read(1), 0.3)
-        return bool(data)
-    except TimeoutError:
-        return True
-    except OSError:
-        return False
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+def listening(api: docker.APIClient, container_id: str, port: int) -> bool:
+    """Whether something listens on ``port`` inside the container: what a TCP probe's
+    connect to the pod's IP would find. Read from the container's /proc/net/tcp*, because a
+    connect through Docker's published port succeeds even when nothing listens inside."""
+    exec_id = api.exec_create(container_id, ["cat", "/proc/net/tcp", "/proc/net/tcp6"])["Id"]
+    table = api.exec_start(exec_id).decode(errors="replace")
+    wanted = f":{port:04X}"
+    for line in table.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) > 3 and fields[1].endswith(wanted) and fields[3] == "0A":
+            return True
+    return False
 
 
 def free_port() -> int:

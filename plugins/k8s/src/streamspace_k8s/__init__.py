@@ -3,5 +3,6 @@
 from __future__ import annotations
 
 from streamspace_k8s.lease import KubernetesLease
+from streamspace_k8s.platform import KubernetesOptions, KubernetesPlatform
 
-__all__ = ["KubernetesLease"]
+__all__ = ["KubernetesLease", "KubernetesOptions", "KubernetesPlatform"]

@@ -93,6 +93,10 @@ class KubeClient:
                 self._api = await asyncio.to_thread(self._build)
             return self._api
 
+    def built(self) -> k8s.ApiClient | None:
+        """The client, if :meth:`api` built it already (for worker threads)."""
+        return self._api
+
     def _build(self) -> k8s.ApiClient:
         cfg = k8s.Configuration()
         try:
