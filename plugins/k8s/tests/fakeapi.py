@@ -187,6 +187,8 @@ class FakeApiServer:
         self.calls: list[tuple[str, str, str]] = []
         """(verb, group, resource[/subresource]) of every request, as RBAC sees them."""
         self.forbidden: set[tuple[str, str, str]] = set()
+        self.bodies: list[dict[str, Any]] = []
+        """Every object a client sent in a create or update, as sent."""
         self.token = secrets.token_hex(8)
         self._rv = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -385,6 +387,16 @@ class FakeApiServer:
             assert name is not None
             return web.json_response(self._read(kind, namespace, name))
         body = await request.json() if request.can_read_body else None
+        if verb in ("create", "update") and isinstance(body, dict):
+            self.bodies.append(copy.deepcopy(body))
+            if not body.get("kind") or not body.get("apiVersion"):
+                # what the API server's decoder says of a body without its type
+                missing = "Kind" if not body.get("kind") else "Version"
+                raise HttpError(
+                    400,
+                    "BadRequest",
+                    f"Object '{missing}' is missing in '{json.dumps(body)[:200]}'",
+                )
         if verb == "create":
             if not isinstance(body, dict):
                 raise HttpError(400, "BadRequest", "the request body must be an object")

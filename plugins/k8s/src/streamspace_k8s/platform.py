@@ -569,6 +569,7 @@ class KubernetesPlatform(Platform):
             if replicas is not None:
                 found["spec"]["replicas"] = replicas
             found.pop("status", None)
+            found["apiVersion"], found["kind"] = "apps/v1", "Deployment"  # lists omit them
             path = self._apps("deployments", meta["name"])
             try:
                 await self._api(
@@ -603,21 +604,21 @@ class KubernetesPlatform(Platform):
         now rather than when the garbage collector comes by)."""
         _stop_forwarder(self._forward_key(session_id))
         found = await self._deployment(session_id)
-        name = self.object_name(session_id)
+        name = found["metadata"]["name"] if found is not None else self.object_name(session_id)
+        # The Service first: with the Deployment gone, the garbage collector may race us.
+        service = await self._get(self._core("services", name))
+        if (
+            service is not None
+            and self._ours(service)
+            and _annotation(service, ANNOTATION_SESSION_ID) == session_id
+        ):
+            await self._delete(self._core("services", name), f"remove Service {name!r}")
         if found is not None:
-            name = found["metadata"]["name"]
             await self._delete(
                 self._apps("deployments", name),
                 f"remove Deployment {name!r}",
                 body={"propagationPolicy": "Background"},
             )
-        service = await self._get(self._core("services", name))
-        if (
-            service is not None
-            and self._ours(service)
-            and (_annotation(service, ANNOTATION_SESSION_ID) == session_id)
-        ):
-            await self._delete(self._core("services", name), f"remove Service {name!r}")
         selector = self._selector(session_id) + f",{LABEL_HOME}=session"
         for claim in await self._items("persistentvolumeclaims", selector):
             if _annotation(claim, ANNOTATION_SESSION_ID) == session_id:
