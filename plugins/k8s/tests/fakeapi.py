@@ -80,6 +80,7 @@ KINDS: dict[tuple[str, str], Kind] = {
 
 _LABEL_KEY = re.compile(r"^([a-z0-9.-]+/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 _MICRO_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(Z|[+-]\d\d:\d\d)")
+_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
 _SET_REQ = re.compile(r"^\s*(!?[^\s!=()]+)\s+(in|notin)\s+\(([^)]*)\)\s*$")
 
 
@@ -141,7 +142,7 @@ def parse_selector(text: str) -> list[Callable[[dict[str, str]], bool]]:
         for op in ("!=", "==", "="):
             if op in part:
                 key, _, value = (s.strip() for s in part.partition(op))
-                if not _LABEL_KEY.match(key):
+                if not _LABEL_KEY.match(key) or not _VALUE.fullmatch(value):
                     raise bad
                 if op == "!=":
                     preds.append(lambda labels, k=key, v=value: labels.get(k) != v)
