@@ -49,7 +49,8 @@ def lease(name: str, **meta: Any) -> dict[str, Any]:
 def test_create_get_conflict_and_not_found(apiserver: FakeApiServer) -> None:
     code, made = call(apiserver, "POST", LEASES, lease("fk-1"))
     assert code == 201
-    assert made["metadata"]["uid"] and made["metadata"]["resourceVersion"]
+    assert made["metadata"]["uid"]
+    assert made["metadata"]["resourceVersion"]
     code, again = call(apiserver, "POST", LEASES, lease("fk-1"))
     assert (code, again["kind"], again["reason"]) == (409, "Status", "AlreadyExists")
     assert again["details"] == {"name": "fk-1", "group": "coordination.k8s.io", "kind": "leases"}
