@@ -103,6 +103,17 @@ class HttpError(Exception):
         }
 
 
+def _requirement(key: str, op: str, values: set[str]) -> Callable[[dict[str, str]], bool]:
+    def matches(labels: dict[str, str]) -> bool:
+        if op == "in":
+            return labels.get(key) in values
+        if op == "notin":
+            return labels.get(key) not in values
+        return (key in labels) == (op == "exists")
+
+    return matches
+
+
 def parse_selector(text: str) -> list[Callable[[dict[str, str]], bool]]:
     """Parse a label selector into predicates; 400 BadRequest when it is malformed."""
     preds: list[Callable[[dict[str, str]], bool]] = []
@@ -135,9 +146,9 @@ def parse_selector(text: str) -> list[Callable[[dict[str, str]], bool]]:
             if not _LABEL_KEY.match(key):
                 raise bad
             if op == "in":
-                preds.append(lambda labels, k=key, vs=values: labels.get(k) in vs)
+                preds.append(_requirement(key, "in", values))
             else:
-                preds.append(lambda labels, k=key, vs=values: labels.get(k) not in vs)
+                preds.append(_requirement(key, "notin", values))
             continue
         for op in ("!=", "==", "="):
             if op in part:
@@ -145,9 +156,9 @@ def parse_selector(text: str) -> list[Callable[[dict[str, str]], bool]]:
                 if not _LABEL_KEY.match(key) or not _VALUE.fullmatch(value):
                     raise bad
                 if op == "!=":
-                    preds.append(lambda labels, k=key, v=value: labels.get(k) != v)
+                    preds.append(_requirement(key, "notin", {value}))
                 else:
-                    preds.append(lambda labels, k=key, v=value: labels.get(k) == v)
+                    preds.append(_requirement(key, "in", {value}))
                 break
         else:
             negate = part.startswith("!")
@@ -155,9 +166,9 @@ def parse_selector(text: str) -> list[Callable[[dict[str, str]], bool]]:
             if not _LABEL_KEY.match(key):
                 raise bad
             if negate:
-                preds.append(lambda labels, k=key: k not in labels)
+                preds.append(_requirement(key, "!", set()))
             else:
-                preds.append(lambda labels, k=key: k in labels)
+                preds.append(_requirement(key, "exists", set()))
     return preds
 
 
@@ -271,15 +282,19 @@ class FakeApiServer:
                 with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
                     api.remove_container(row["Id"], force=True)
             time.sleep(0.1)
-        for volume in (
-            api.volumes(filters={"label": f"{RUN_LABEL}={self.prefix}"}).get("Volumes") or []
-        ):
-            with contextlib.suppress(docker.errors.NotFound):
-                api.remove_volume(volume["Name"], force=True)
-        for net in api.networks(names=[f"{self.prefix}-net"]):
-            if net["Name"] == f"{self.prefix}-net":
-                with contextlib.suppress(docker.errors.NotFound):
+        selector = {"label": f"{RUN_LABEL}={self.prefix}"}
+        for _ in range(50):  # a volume or network is busy until its containers are gone
+            volumes = api.volumes(filters=selector).get("Volumes") or []
+            networks = api.networks(filters=selector)
+            if not volumes and not networks:
+                break
+            for volume in volumes:
+                with contextlib.suppress(docker.errors.APIError):
+                    api.remove_volume(volume["Name"], force=True)
+            for net in networks:
+                with contextlib.suppress(docker.errors.APIError):
                     api.remove_network(net["Id"])
+            time.sleep(0.1)
         api.close()
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -315,7 +330,7 @@ class FakeApiServer:
 
         return self.call(get())
 
-    def list(self, group: str, resource: str, namespace: str) -> list[dict[str, Any]]:
+    def list_objects(self, group: str, resource: str, namespace: str) -> list[dict[str, Any]]:
         async def items() -> list[dict[str, Any]]:
             return [
                 copy.deepcopy(o)
@@ -1093,6 +1108,7 @@ class FakeApiServer:
                 )
             probe_port = int(target)
         cid = run.container_id
+        assert cid is not None
         ready = False
         while key in self.objects:
             state = (await self._engine(lambda api: api.inspect_container(cid)))["State"]

@@ -53,7 +53,7 @@ class DockerExecHomeProbe:
     def _container(self, session_id: str) -> str:
         pods = [
             p
-            for p in self.apiserver.list("", "pods", NAMESPACE)
+            for p in self.apiserver.list_objects("", "pods", NAMESPACE)
             if (p["metadata"].get("labels") or {}).get(LABEL_SESSION_ID) == session_id
         ]
         assert len(pods) == 1, pods

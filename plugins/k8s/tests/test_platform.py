@@ -71,7 +71,7 @@ async def test_image_pull_back_off_fails_the_start_with_the_reason(
     assert await p.status(session) is None, "a failed start leaves nothing behind"
     assert not [
         d
-        for d in apiserver.list("apps", "deployments", NAMESPACE)
+        for d in apiserver.list_objects("apps", "deployments", NAMESPACE)
         if d["metadata"]["name"] == p.object_name(session)
     ]
     await p.close()
@@ -149,7 +149,7 @@ async def test_the_deployment_is_labelled_hardened_and_owns_its_service(
     assert svc["metadata"]["ownerReferences"][0]["uid"] == dep["metadata"]["uid"]
     claims = [
         c
-        for c in apiserver.list("", "persistentvolumeclaims", NAMESPACE)
+        for c in apiserver.list_objects("", "persistentvolumeclaims", NAMESPACE)
         if c["metadata"]["name"].startswith(p.object_name(session) + "-home-")
     ]
     assert len(claims) == 1, "the session's own home claim, named by generateName"

@@ -9,7 +9,7 @@ import uuid
 from importlib import resources
 from pathlib import Path
 
-import kubernetes_validate
+import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 from conftest import DOCKER_HOST, NAMESPACE
