@@ -30,7 +30,7 @@ def namespace() -> Iterator[str]:
     api = config.new_client_from_config(config_file=KUBECONFIG)
     core = client.CoreV1Api(api)
     name = f"sslive-{RUN}"
-    core.create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
     yield name
     core.delete_namespace(name)
     api.close()
