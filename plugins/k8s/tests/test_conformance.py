@@ -12,8 +12,8 @@ import docker
 import pytest
 from conftest import DESKTOP_IMAGE, DOCKER_HOST, NAMESPACE
 from fakeapi import FakeApiServer
-from streamspace_k8s import KubernetesPlatform
 
+from streamspace_k8s import KubernetesPlatform
 from streamspace_sdk.platform import LABEL_SESSION_ID, Platform, SessionSpec
 from streamspace_sdk.testing import PlatformConformance, PlatformFactory, SpecFactory
 

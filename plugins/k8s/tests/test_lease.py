@@ -10,8 +10,8 @@ import hypothesis
 import pytest
 from conftest import NAMESPACE
 from fakeapi import FakeApiServer
-from streamspace_k8s import KubernetesLease
 
+from streamspace_k8s import KubernetesLease
 from streamspace_sdk.clock import Clock, SystemClock
 from streamspace_sdk.errors import ConfigError, LeaseError, LeaseLost
 from streamspace_sdk.lease import Lease

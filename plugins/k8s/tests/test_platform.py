@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from conftest import NAMESPACE
 from fakeapi import FakeApiServer, free_port
-from streamspace_k8s import KubernetesPlatform
 from test_conformance import make_spec, platform_settings
 
+from streamspace_k8s import KubernetesPlatform
 from streamspace_sdk.errors import ConfigError, PlatformError
 from streamspace_sdk.settings import load_settings
 

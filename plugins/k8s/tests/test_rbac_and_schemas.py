@@ -14,9 +14,9 @@ import pytest
 import yaml
 from conftest import DOCKER_HOST, NAMESPACE
 from fakeapi import FakeApiServer
-from streamspace_k8s import KubernetesLease, KubernetesPlatform
 from test_conformance import make_spec, platform_settings
 
+from streamspace_k8s import KubernetesLease, KubernetesPlatform
 from streamspace_sdk.platform import Resources
 from streamspace_sdk.testing import FakeClock
 

@@ -17,8 +17,8 @@ from kubernetes import client, config
 
 pytest_plugins = ["streamspace_sdk.testing.plugin"]
 
-KUBECONFIG = os.environ.get("KUBECONFIG", "")  # noqa: TID251 (test set-up)
-IMAGE = os.environ.get("LIVE_IMAGE", "streamspace/desktop:bookworm")  # noqa: TID251
+KUBECONFIG = os.environ.get("KUBECONFIG", "")
+IMAGE = os.environ.get("LIVE_IMAGE", "streamspace/desktop:bookworm")
 RUN = uuid.uuid4().hex[:6]
 
 

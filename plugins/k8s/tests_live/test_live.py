@@ -6,8 +6,8 @@ import uuid
 
 import pytest
 from conftest import IMAGE, KUBECONFIG
-from streamspace_k8s import KubernetesLease, KubernetesPlatform
 
+from streamspace_k8s import KubernetesLease, KubernetesPlatform
 from streamspace_sdk.platform import SessionSpec
 from streamspace_sdk.testing import (
     LeaseConformance,
