@@ -2,7 +2,8 @@
 and no session is lost when the leader is killed, stopped or frozen.
 
 Per backend (``file``, ``redis``: the ``process`` platform on one shared state directory;
-``swarm``: the ``docker`` platform on this host's single-node swarm):
+``swarm``: the ``docker`` platform on this host's single-node swarm; ``kubernetes``, issue 8:
+the ``process`` platform with the Lease on the k8s plugin's fake API server):
 
 1. exactly one replica registers; the others follow it;
 2. SIGKILL of the leader: another registers within LEASE_DURATION + RETRY_PERIOD + 2 s;
@@ -20,6 +21,7 @@ import asyncio
 import os
 import re
 import signal
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -97,13 +99,37 @@ def _redis_keys() -> Iterator[None]:
     client.close()
 
 
-def backend_env(backend: str, tmp_path: Path) -> dict[str, str]:
+@pytest.fixture(scope="module")
+def apiserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The k8s plugin's fake API server (its test double); yields a kubeconfig for it."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "plugins" / "k8s" / "tests"))
+    try:
+        from fakeapi import FakeApiServer
+    finally:
+        sys.path.pop(0)
+    server = FakeApiServer(prefix=f"ssha{RUN}k")
+    server.start()
+    server.add_namespace("streamspace")
+    try:
+        yield server.write_kubeconfig(tmp_path_factory.mktemp("kube") / "config")
+    finally:
+        server.stop()
+
+
+def backend_env(backend: str, tmp_path: Path, kubeconfig: Path | None = None) -> dict[str, str]:
     key = f"ha{RUN}-{uuid.uuid4().hex[:6]}"
     common = {"ENABLE_HA": "true", "HA_BACKEND": backend, **TIMING}
     if backend == "file":
         return common | {"LEASE_FILE": str(tmp_path / "lease" / "agent-lease")}
     if backend == "redis":
         return common | {"REDIS_URL": "redis://127.0.0.1:6379/0", "LEASE_KEY": key}
+    if backend == "kubernetes":
+        assert kubeconfig is not None
+        return common | {
+            "KUBECONFIG": str(kubeconfig),
+            "LEASE_LOCK_NAME": key.lower(),
+            "LEASE_LOCK_NAMESPACE": "streamspace",
+        }
     return common | {
         "LEASE_KEY": key,
         "PLATFORM": "docker",
@@ -201,17 +227,19 @@ async def agent_row(admin: httpx.AsyncClient) -> dict[str, Any]:
     return dict(r.json())
 
 
-@pytest.mark.parametrize("backend", ["file", "redis", "swarm"])
+@pytest.mark.parametrize("backend", ["file", "redis", "swarm", "kubernetes"])
 async def test_three_replicas_fail_over_without_losing_the_session(
     cp: ControlPlane,
     admin: httpx.AsyncClient,
     agents: Agents,
     engine: docker.APIClient,
     tmp_path: Path,
+    request: pytest.FixtureRequest,
     backend: str,
 ) -> None:
     assert ADMIN_PASSWORD
-    env = backend_env(backend, tmp_path)
+    kubeconfig = request.getfixturevalue("apiserver") if backend == "kubernetes" else None
+    env = backend_env(backend, tmp_path, kubeconfig)
     replicas = Replicas(agents, env, tmp_path / "state")
     await replicas.start(3)
     leader = await replicas.leader()
