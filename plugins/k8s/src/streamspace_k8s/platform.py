@@ -246,7 +246,7 @@ class KubernetesPlatform(Platform):
     # -- driver methods ----------------------------------------------------------------------
 
     async def _start(self, spec: SessionSpec) -> SessionStatus:
-        options = _options(spec)
+        options = self.options(spec, KubernetesOptions)
         if not spec.image:
             raise PlatformError("the kubernetes platform needs an image: set the template's image")
         sid = spec.session_id
@@ -1066,17 +1066,3 @@ def _pod_state(pod: dict[str, Any]) -> tuple[SessionState, str]:
     if status.get("phase") == "Running":
         return "starting", "waiting for the VNC server (readiness probe)"
     return "starting", "Pending"
-
-
-def _options(spec: SessionSpec) -> KubernetesOptions:
-    try:
-        return KubernetesOptions.model_validate(spec.platform_options)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '?'}: {e['msg']}" for e in exc.errors()
-        )
-        known = ", ".join(KubernetesOptions.model_fields)
-        raise PlatformError(
-            f"the template's platform_options do not suit the kubernetes platform ({problems}); "
-            f"it knows: {known}"
-        ) from None
