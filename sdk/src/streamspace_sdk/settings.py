@@ -19,6 +19,7 @@ __all__ = [
     "AgentSettings",
     "Duration",
     "PluginSettings",
+    "PullPolicy",
     "StreamSpaceSettings",
     "driver_settings",
     "load_settings",
@@ -64,6 +65,18 @@ def parse_duration(value: object) -> float:
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 """Seconds, written in the environment as ``15s``, ``500ms``, ``5m`` or a bare number."""
+
+
+def _pull_policy(value: object) -> object:
+    if isinstance(value, str):
+        for policy in ("IfNotPresent", "Always", "Never"):
+            if value.strip().lower() == policy.lower():
+                return policy
+    return value
+
+
+PullPolicy = Annotated[Literal["IfNotPresent", "Always", "Never"], BeforeValidator(_pull_policy)]
+"""``IMAGE_PULL_POLICY``: Kubernetes's image pull policies, in any case."""
 
 
 class StreamSpaceSettings(BaseSettings):

@@ -39,7 +39,7 @@ from streamspace_sdk.platform import (
     Usage,
     VncEndpoint,
 )
-from streamspace_sdk.settings import Duration, StreamSpaceSettings, driver_settings
+from streamspace_sdk.settings import Duration, PullPolicy, StreamSpaceSettings, driver_settings
 
 __all__ = [
     "LABEL_DESIRED",
@@ -72,7 +72,6 @@ _STATE_CHECK_S = 0.5
 _LOG_LINES = 20
 
 T = TypeVar("T")
-PullPolicy = Literal["IfNotPresent", "Always", "Never"]
 
 
 class DockerOptions(BaseModel):
@@ -231,15 +230,6 @@ class DockerPlatform(Platform):
             scheme, sep, rest = value.partition("://")
             if not sep or scheme not in ("unix", "tcp", "http", "https") or not rest.strip("/"):
                 raise ValueError(f"{value!r} is not unix:///path/to/docker.sock or tcp://host:port")
-            return value
-
-        @field_validator("image_pull_policy", mode="before")
-        @classmethod
-        def _policy_case(cls, value: object) -> object:
-            if isinstance(value, str):
-                for policy in ("IfNotPresent", "Always", "Never"):
-                    if value.strip().lower() == policy.lower():
-                        return policy
             return value
 
     def __init__(self, settings: StreamSpaceSettings | None = None, *, agent_id: str) -> None:

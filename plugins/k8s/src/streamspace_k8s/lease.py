@@ -22,9 +22,9 @@ from pydantic import Field
 
 from streamspace_k8s._client import ApiError, ClusterSettings, KubeClient, Unreachable
 from streamspace_sdk.clock import Clock
-from streamspace_sdk.errors import ConfigError, LeaseError, LeaseLost
+from streamspace_sdk.errors import LeaseError, LeaseLost
 from streamspace_sdk.lease import Lease, LeaseRecord
-from streamspace_sdk.settings import StreamSpaceSettings, load_settings
+from streamspace_sdk.settings import StreamSpaceSettings, driver_settings
 
 __all__ = ["KubernetesLease", "format_micro_time", "parse_time"]
 
@@ -68,12 +68,7 @@ class KubernetesLease(Lease):
     def __init__(
         self, settings: StreamSpaceSettings | None = None, *, clock: Clock | None = None
     ) -> None:
-        if settings is None:
-            settings = load_settings(KubernetesLease.Settings)
-        if not isinstance(settings, KubernetesLease.Settings):
-            raise ConfigError(
-                f"KubernetesLease needs KubernetesLease.Settings, not {type(settings).__name__}"
-            )
+        settings = driver_settings(KubernetesLease.Settings, settings, "KubernetesLease")
         super().__init__(settings, clock=clock)
         self.config: KubernetesLease.Settings = settings
         self.client = KubeClient(settings)

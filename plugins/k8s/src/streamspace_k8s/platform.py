@@ -22,10 +22,10 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from kubernetes import client as k8s
 from kubernetes.stream import portforward
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
 from streamspace_k8s._client import ApiError, ClusterSettings, KubeClient, Unreachable
-from streamspace_sdk.errors import ConfigError, PlatformError, SessionNotFound
+from streamspace_sdk.errors import PlatformError, SessionNotFound
 from streamspace_sdk.platform import (
     LABEL_AGENT_ID,
     LABEL_MANAGED_BY,
@@ -40,7 +40,7 @@ from streamspace_sdk.platform import (
     SessionStatus,
     VncEndpoint,
 )
-from streamspace_sdk.settings import Duration, StreamSpaceSettings, load_settings
+from streamspace_sdk.settings import Duration, PullPolicy, StreamSpaceSettings, driver_settings
 
 __all__ = [
     "ANNOTATION_DESIRED",
@@ -68,7 +68,6 @@ ANNOTATION_SPEC = "streamspace.io/spec"
 LABEL_HOME = "streamspace.io/home"
 """Claim label: ``user`` (a user's persistent home) or ``session`` (removed with the session)."""
 
-PullPolicy = Literal["IfNotPresent", "Always", "Never"]
 
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 _LABEL_KEY = re.compile(
@@ -176,23 +175,8 @@ class KubernetesPlatform(Platform):
         k8s_start_timeout: Annotated[Duration, Field(gt=0)] = 300.0
         """Seconds from creating the Deployment to its pod being Ready (image pulls included)."""
 
-        @field_validator("image_pull_policy", mode="before")
-        @classmethod
-        def _policy_case(cls, value: object) -> object:
-            if isinstance(value, str):
-                for policy in ("IfNotPresent", "Always", "Never"):
-                    if value.strip().lower() == policy.lower():
-                        return policy
-            return value
-
     def __init__(self, settings: StreamSpaceSettings | None = None, *, agent_id: str) -> None:
-        if settings is None:
-            settings = load_settings(KubernetesPlatform.Settings)
-        if not isinstance(settings, KubernetesPlatform.Settings):
-            raise ConfigError(
-                f"KubernetesPlatform needs KubernetesPlatform.Settings, not "
-                f"{type(settings).__name__}"
-            )
+        settings = driver_settings(KubernetesPlatform.Settings, settings, "KubernetesPlatform")
         super().__init__(settings, agent_id=agent_id)
         self.config: KubernetesPlatform.Settings = settings
         self.client = KubeClient(settings)
@@ -260,15 +244,7 @@ class KubernetesPlatform(Platform):
             if current.state == "hibernated":
                 return await self._wake(spec)
             await self._remove(sid)  # a failed or half-made session: start afresh
-        async with self._admission:
-            active = [s for s in await self._list_sessions() if s.state in ("starting", "running")]
-            taken = len({s.session_id for s in active} | self._starting)
-            if taken >= self.config.max_sessions:
-                raise PlatformError(
-                    f"this agent runs {taken} sessions, its limit (MAX_SESSIONS="
-                    f"{self.config.max_sessions}); session {sid!r} was not started"
-                )
-            self._starting.add(sid)
+        await self._admit(sid, "was not started")
         try:
             try:
                 await self._create(spec, options)
@@ -280,17 +256,21 @@ class KubernetesPlatform(Platform):
         finally:
             self._starting.discard(sid)
 
-    async def _wake(self, spec: SessionSpec) -> SessionStatus:
-        sid = spec.session_id
+    async def _admit(self, sid: str, otherwise: str) -> None:
+        """Take a place for the session, or raise if ``MAX_SESSIONS`` are active."""
         async with self._admission:
             active = [s for s in await self._list_sessions() if s.state in ("starting", "running")]
             taken = len({s.session_id for s in active} | self._starting)
             if taken >= self.config.max_sessions:
                 raise PlatformError(
                     f"this agent runs {taken} sessions, its limit (MAX_SESSIONS="
-                    f"{self.config.max_sessions}); session {sid!r} stays hibernated"
+                    f"{self.config.max_sessions}); session {sid!r} {otherwise}"
                 )
             self._starting.add(sid)
+
+    async def _wake(self, spec: SessionSpec) -> SessionStatus:
+        sid = spec.session_id
+        await self._admit(sid, "stays hibernated")
         try:
             await self._annotate(sid, spec.generation, "running", spec, replicas=1)
             return await self._await_ready(sid, spec.generation)
