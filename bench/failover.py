@@ -168,7 +168,27 @@ async def failovers(stack: Stack, backend: str, runs: int) -> dict[str, list[flo
             found[kind].append(time.monotonic() - started)
             await leader.proc.wait()
             live = [*others, await stack.agent(agent_id, env)]
+    for replica in live:
+        await stop_process(replica.proc)
+    forget_lease(backend, env)
     return found
+
+
+def forget_lease(backend: str, env: dict[str, str]) -> None:
+    """Remove what a run left in the backend (the file lease lives in the run's folder)."""
+    if backend == "redis":
+        import redis
+
+        client = redis.Redis.from_url(env["REDIS_URL"])
+        client.delete(f"lease:{env['LEASE_KEY']}", f"lease:{env['LEASE_KEY']}:epoch")
+        client.close()
+    elif backend == "swarm":
+        import docker
+
+        api = docker.APIClient(version="auto")
+        for row in api.configs(filters={"name": f"streamspace-lease-{env['LEASE_KEY']}"}):
+            api.remove_config(row["ID"])
+        api.close()
 
 
 def row(label: str, values: list[float], bound: float | None = None) -> str:

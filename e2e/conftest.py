@@ -30,14 +30,17 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import docker
 import httpx
 import pytest
 import pytest_asyncio
+
+from streamspace_docker.image import ensure_desktop_image
 
 ADMIN_PASSWORD = "e2e-admin-password"
 JWT_SECRET = "e2e-" + "j" * 44
@@ -565,6 +568,32 @@ class EventWatch:
                 await self._changed.wait()
 
 
+@contextlib.contextmanager
+def docker_engine(*prefixes: str) -> Iterator[docker.APIClient]:
+    """The local Docker engine, with the desktop image built if it is missing; the
+    containers, volumes, networks and Swarm configs whose names start with one of
+    ``prefixes`` are removed after."""
+    try:
+        client = docker.APIClient(base_url="unix:///var/run/docker.sock", version="auto")
+    except docker.errors.DockerException as exc:
+        pytest.fail(f"no Docker engine answers ({exc}); start dockerd")
+    ensure_desktop_image(client)
+    try:
+        yield client
+    finally:
+        for prefix in prefixes:
+            for row in client.containers(all=True, filters={"name": prefix}):
+                client.remove_container(row["Id"], force=True)
+            for volume in client.volumes(filters={"name": prefix}).get("Volumes") or []:
+                client.remove_volume(volume["Name"], force=True)
+            for network in client.networks():
+                if network["Name"].startswith(prefix):
+                    client.remove_network(network["Id"])
+            for row in client.configs(filters={"name": prefix}):
+                client.remove_config(row["ID"])
+        client.close()
+
+
 # -- fixtures ---------------------------------------------------------------------------------
 
 
@@ -580,10 +609,19 @@ def pytest_runtest_makereport(
     return report
 
 
+@pytest.fixture
+def cp_env() -> dict[str, str]:
+    """Settings of the ``cp`` fixture's control plane over ``CONTROL_PLANE_ENV``; a test
+    module overrides this fixture to change them."""
+    return {}
+
+
 @pytest_asyncio.fixture
-async def cp(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[ControlPlane]:
+async def cp(
+    tmp_path: Path, request: pytest.FixtureRequest, cp_env: dict[str, str]
+) -> AsyncIterator[ControlPlane]:
     """A control plane of its own: SQLite under ``tmp_path``, on a free port."""
-    plane = ControlPlane(home=tmp_path / "cp")
+    plane = ControlPlane(home=tmp_path / "cp", env=cp_env)
     request.node.stash.setdefault(_LOGS, []).append(("control plane", plane.log))
     try:
         await plane.start()

@@ -19,9 +19,9 @@ import httpx
 import pytest
 import pytest_asyncio
 import websockets
-from conftest import AGENT_ID, Agents, ControlPlane, EventWatch, create_session
+from conftest import AGENT_ID, Agents, ControlPlane, EventWatch, create_session, docker_engine
 
-from streamspace_docker.image import DESKTOP_IMAGE, ensure_desktop_image
+from streamspace_docker.image import DESKTOP_IMAGE
 
 pytestmark = pytest.mark.asyncio
 
@@ -34,20 +34,8 @@ START_S = 60.0
 @pytest.fixture(scope="module")
 def engine() -> Iterator[docker.APIClient]:
     """The real engine, with the desktop image; what the tests made is removed at the end."""
-    try:
-        client = docker.APIClient(base_url="unix:///var/run/docker.sock", version="auto")
-    except docker.errors.DockerException as exc:
-        pytest.fail(f"no Docker engine answers ({exc}); start dockerd")
-    ensure_desktop_image(client)
-    yield client
-    for row in client.containers(all=True, filters={"name": PREFIX}):
-        client.remove_container(row["Id"], force=True)
-    for volume in client.volumes(filters={"name": PREFIX}).get("Volumes") or []:
-        client.remove_volume(volume["Name"], force=True)
-    for network in client.networks():
-        if network["Name"].startswith(PREFIX):
-            client.remove_network(network["Id"])
-    client.close()
+    with docker_engine(PREFIX) as client:
+        yield client
 
 
 @pytest_asyncio.fixture

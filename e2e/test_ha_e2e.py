@@ -24,14 +24,13 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import docker
 import httpx
 import pytest
-import pytest_asyncio
 import redis
 import websockets
 from conftest import (
@@ -41,10 +40,11 @@ from conftest import (
     ControlPlane,
     EventWatch,
     create_session,
+    docker_engine,
     eventually,
 )
 
-from streamspace_docker.image import DESKTOP_IMAGE, ensure_desktop_image
+from streamspace_docker.image import DESKTOP_IMAGE
 from streamspace_sdk.platform import Capacity
 from streamspace_sdk.protocol import AgentHello, AgentWelcome, dump_frame, parse_frame
 
@@ -58,35 +58,16 @@ HA_AGENT = "ha-agent"
 RUN = uuid.uuid4().hex[:8]
 
 
-@pytest_asyncio.fixture
-async def cp(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[ControlPlane]:
-    """A control plane whose grace period outlasts a failover, so sessions never go lost."""
-    from conftest import _LOGS
-
-    plane = ControlPlane(home=tmp_path / "cp", env={"LOST_GRACE_PERIOD": "60s"})
-    request.node.stash.setdefault(_LOGS, []).append(("control plane", plane.log))
-    try:
-        await plane.start()
-        yield plane
-    finally:
-        plane.stop()
+@pytest.fixture
+def cp_env() -> dict[str, str]:
+    """A grace period that outlasts a failover, so sessions never go lost."""
+    return {"LOST_GRACE_PERIOD": "60s"}
 
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[docker.APIClient]:
-    client = docker.APIClient(base_url="unix:///var/run/docker.sock", version="auto")
-    ensure_desktop_image(client)
-    yield client
-    for row in client.containers(all=True, filters={"name": f"ssha{RUN}"}):
-        client.remove_container(row["Id"], force=True)
-    for volume in client.volumes(filters={"name": f"ssha{RUN}"}).get("Volumes") or []:
-        client.remove_volume(volume["Name"], force=True)
-    for network in client.networks():
-        if network["Name"].startswith(f"ssha{RUN}"):
-            client.remove_network(network["Id"])
-    for row in client.configs(filters={"name": f"streamspace-lease-ha{RUN}"}):
-        client.remove_config(row["ID"])
-    client.close()
+    with docker_engine(f"ssha{RUN}", f"streamspace-lease-ha{RUN}") as client:
+        yield client
 
 
 @pytest.fixture(scope="module", autouse=True)

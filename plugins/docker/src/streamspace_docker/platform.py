@@ -130,12 +130,8 @@ class _Debris:
 
     volume: str | None = None
     """A session volume made for the failed start."""
-    restore: _Container | None = None
+    restore: SessionSpec | None = None
     """A hibernated session to put back (its placeholder was removed)."""
-
-
-class _Unreachable(PlatformError):
-    """The engine did not answer; what was being done may or may not have happened."""
 
 
 class DockerPlatform(Platform):
@@ -345,7 +341,7 @@ class DockerPlatform(Platform):
                 hibernated, self.options(hibernated, DockerOptions), desired="hibernated"
             )
         except PlatformError:
-            self._debris[session_id] = _Debris(restore=_placeholder(found, hibernated))
+            self._debris[session_id] = _Debris(restore=hibernated)
             raise
         self._applied.pop(session_id, None)
         status = await self._status(session_id)
@@ -388,24 +384,18 @@ class DockerPlatform(Platform):
 
     async def usage(self) -> Usage:
         """Count active sessions and the CPU and memory their templates request."""
-        usage = Usage()
-        containers = {c.session_id: c for c in await self._containers()}
-        for status in await self._list_sessions():
-            if status.state not in ("starting", "running"):
-                continue
-            cpu, memory = 0, 0
-            found = containers.get(status.session_id)
-            spec = found.spec() if found is not None else None
-            if spec is not None:
-                r = spec.resources
-                cpu = r.cpu_request_m or r.cpu_limit_m or 0
-                memory = r.memory_request_mib or r.memory_limit_mib or 0
-            usage = Usage(
-                sessions=usage.sessions + 1,
-                cpu_m=usage.cpu_m + cpu,
-                memory_mib=usage.memory_mib + memory,
-            )
-        return usage
+        await self._sweep()
+        containers = await self._containers()
+        active = [c for c in containers if self._observe(c).state in ("starting", "running")]
+        listed = {c.session_id for c in containers}
+        specs = [spec for c in active if (spec := c.spec()) is not None]
+        return Usage(
+            sessions=len(active) + sum(1 for sid in self._starting if sid not in listed),
+            cpu_m=sum(s.resources.cpu_request_m or s.resources.cpu_limit_m or 0 for s in specs),
+            memory_mib=sum(
+                s.resources.memory_request_mib or s.resources.memory_limit_mib or 0 for s in specs
+            ),
+        )
 
     # -- starting ----------------------------------------------------------------------------
 
@@ -442,9 +432,8 @@ class DockerPlatform(Platform):
             )
             await self._await_vnc(sid, container_id)
         except BaseException as exc:
-            restore = (
-                previous if previous is not None and previous.desired == "hibernated" else None
-            )
+            hibernated = previous is not None and previous.desired == "hibernated"
+            restore = previous.spec() if previous is not None and hibernated else None
             await self._undo(sid, volume if made_volume else None, restore)
             if isinstance(exc, PlatformError):
                 raise
@@ -458,16 +447,16 @@ class DockerPlatform(Platform):
             raise PlatformError(f"the container of session {sid!r} vanished as it started")
         return self._observe(found)
 
-    async def _undo(self, session_id: str, volume: str | None, restore: _Container | None) -> None:
-        """Leave things as before a failed start; if the engine is away, try again later."""
+    async def _undo(self, session_id: str, volume: str | None, restore: SessionSpec | None) -> None:
+        """Leave things as before a failed start (``restore``: the hibernated session to put
+        back); if the engine is away, try again later."""
         try:
             await self._remove_session_containers(session_id)
             if volume is not None:
                 await self._remove_volume(volume)
             if restore is not None:
-                spec = restore.spec()
-                assert spec is not None
-                await self._create(spec, self.options(spec, DockerOptions), desired="hibernated")
+                options = self.options(restore, DockerOptions)
+                await self._create(restore, options, desired="hibernated")
         except PlatformError as exc:
             log.warning("session %s: cleaning up after a failed start failed: %s", session_id, exc)
             self._debris[session_id] = _Debris(volume=volume, restore=restore)
@@ -877,7 +866,7 @@ class DockerPlatform(Platform):
         except docker.errors.APIError as exc:
             raise PlatformError(f"cannot {what}: {_explain(exc)}") from None
         except (requests.exceptions.RequestException, docker.errors.DockerException) as exc:
-            raise _Unreachable(
+            raise PlatformError(
                 f"cannot {what}: the Docker engine at {self.config.docker_host} did not answer "
                 f"({_root_cause(exc)}); is dockerd running, and may this agent use it "
                 "(for a unix socket: the docker group)?"
@@ -952,12 +941,6 @@ def _row(row: dict[str, Any]) -> _Container:
         ports=list(row.get("Ports") or []),
         networks=dict((row.get("NetworkSettings") or {}).get("Networks") or {}),
     )
-
-
-def _placeholder(found: _Container, spec: SessionSpec) -> _Container:
-    """A record of a hibernated session whose placeholder container is still to be made."""
-    labels = {**found.labels, LABEL_DESIRED: "hibernated", LABEL_SPEC: spec.model_dump_json()}
-    return _Container(found.id, found.name, "created", "", labels, [], {})
 
 
 def _explain(exc: docker.errors.APIError) -> str:
