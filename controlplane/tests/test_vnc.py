@@ -366,7 +366,7 @@ async def test_bad_tokens_and_foreign_origins_are_refused_before_the_agent_hears
     env: Env,
 ) -> None:
     now = [time.time()]
-    env.harness.cp.extras["vnc.tokens"] = VncTokens(clock=lambda: now[0])
+    env.harness.cp.extras["vnc.tokens"] = VncTokens(env.harness.cp.hub, clock=lambda: now[0])
     bobs_session = await env.start_session(env.bob)
 
     assert await _refused(env, None) == 403

@@ -11,7 +11,7 @@ from starlette.applications import Starlette
 from streamspace_controlplane import http
 from streamspace_controlplane.core import ControlPlane, SessionEvents
 from streamspace_controlplane.dispatcher import Dispatcher
-from streamspace_controlplane.hub.base import Hub
+from streamspace_controlplane.hub.base import Hub, Notice
 from streamspace_controlplane.reconciler import Reconciler
 from streamspace_controlplane.routes import agents as agent_routes
 from streamspace_controlplane.routes import api as api_routes
@@ -42,7 +42,7 @@ def build_control_plane(
     if store is None:
         store = load_driver(STORES, settings.store_driver, settings=settings, base=Store)
     if hub is None:
-        hub = load_driver(HUBS, settings.agent_hub_backend, base=Hub)
+        hub = load_driver(HUBS, settings.agent_hub_backend, settings=settings, base=Hub)
     if hooks is None:
         hooks = Hooks(make_plugin_manager())
     cp = ControlPlane(
@@ -53,9 +53,25 @@ def build_control_plane(
         jwt_secret=settings.resolve_jwt_secret(),
         events=SessionEvents(store, hooks),
     )
-    scheduler, reconciler = Scheduler(cp), Reconciler(cp)
+    scheduler, reconciler, dispatcher = Scheduler(cp), Reconciler(cp), Dispatcher(cp)
     cp.scheduler, cp.reconciler = scheduler, reconciler
-    cp.background = [Dispatcher(cp), scheduler, reconciler]
+    cp.background = [dispatcher, scheduler, reconciler]
+
+    def on_notice(notice: Notice, arg: str) -> None:
+        # Acted on here, never forwarded again: two replicas with stale entries for an
+        # agent must not bounce a wake between them.
+        if notice == "wake":
+            if hub.local(arg) is not None:
+                dispatcher.wake(arg)
+        elif notice == "schedule":
+            scheduler.kick()
+        elif notice == "reconcile":
+            reconciler.kick()
+        else:  # "lead": a new leader catches up at once
+            scheduler.kick()
+            reconciler.kick()
+
+    hub.on_notice(on_notice)
     return cp
 
 

@@ -54,9 +54,10 @@ def _serve(args: argparse.Namespace) -> int:
     cp = build_control_plane(_settings(args))
     logging.getLogger().setLevel(cp.settings.log_level)
     logger.info(
-        "StreamSpace control plane: store %s, hub %s, http://%s:%d",
+        "StreamSpace control plane: store %s, hub %s (replica %s), http://%s:%d",
         cp.store.name,
         cp.hub.name,
+        cp.hub.pod,
         cp.settings.host,
         cp.settings.port,
     )

@@ -8,8 +8,10 @@ and drives the session's state machine; a row not finished within ``COMMAND_EXPI
 ``expired`` and its session ``failed``. Agents handle commands idempotently on
 ``(session_id, generation)``, so every redelivery is safe.
 
-With several replicas, a pod sends only to the agents whose sockets it holds; rows enqueued
-elsewhere reach the agent when it registers, which sends everything it has not finished.
+With several replicas, a pod sends only to the agents whose sockets it holds. A command
+enqueued on another pod wakes the holder through the hub; the row is the record of truth,
+so if that notice is lost, the holder's sweep of due commands, once a second, finds it.
+Expiry is a cluster-wide pass: the leading replica runs it.
 """
 
 from __future__ import annotations
@@ -194,8 +196,9 @@ class Dispatcher(KickLoop):
         return record
 
     def wake(self, agent_id: str) -> None:
-        """Make the agent's sender look for due commands now (if the agent is here)."""
+        """Make the agent's sender look for due commands now, on the replica that holds it."""
         if self.cp.hub.local(agent_id) is None:
+            self.cp.hub.notify_holder(agent_id, "wake")
             return
         self._wake.setdefault(agent_id, asyncio.Event()).set()
         task = self._senders.get(agent_id)
@@ -414,7 +417,17 @@ class Dispatcher(KickLoop):
     # -- expiry -----------------------------------------------------------------------------
 
     async def _pass(self) -> None:
-        await self.expire_commands()
+        await self.wake_due()
+        if self.cp.hub.leading():
+            await self.expire_commands()
+
+    async def wake_due(self) -> None:
+        """Wake the senders of this replica's agents that have commands due (enqueued on
+        another replica, or due for a resend)."""
+        hub = self.cp.hub
+        for agent_id in await self.cp.store.due_agents(utcnow()):
+            if hub.local(agent_id) is not None:
+                self.wake(agent_id)
 
     async def expire_commands(self) -> int:
         """Expire commands unfinished past ``COMMAND_EXPIRY``; fail their sessions.

@@ -8,6 +8,10 @@ marked offline and its socket closed, and the sessions of an agent offline past
 ``LOST_GRACE_PERIOD`` become ``lost``, and ``running`` again if it comes back with them.
 Sessions an agent reports that the store does not know are logged and audited, never
 stopped: they may belong to another control plane sharing the platform.
+
+With several replicas the full passes run on the leading one; a replica converges the
+sessions its users touch and those its agents report at once, since every command is
+idempotent on ``(session_id, generation)``.
 """
 
 from __future__ import annotations
@@ -80,7 +84,10 @@ class Reconciler(KickLoop):
         self._last_full = 0.0
 
     def kick(self) -> None:
-        """Ask for a full pass over every session as soon as possible."""
+        """Ask for a full pass over every session as soon as possible, on the leader."""
+        if not self.cp.hub.leading():
+            self.cp.hub.notify_leader("reconcile")
+            return
         self._full_due = True
         super().kick()
 
@@ -98,7 +105,8 @@ class Reconciler(KickLoop):
 
     async def _pass(self) -> None:
         touched, self._touched = self._touched, set()
-        if not self._full_due and time.monotonic() - self._last_full < self.interval_s:
+        due = self._full_due or time.monotonic() - self._last_full >= self.interval_s
+        if not due or not self.cp.hub.leading():
             for session_id in touched:
                 session = await self.cp.store.get_session(session_id)
                 if session is not None:

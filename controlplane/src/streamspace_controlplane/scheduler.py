@@ -5,6 +5,8 @@ request and whose capacity is not full; the least loaded wins (fewest active ses
 agent id). Placement is one atomic store call, so two passes (or two replicas) never place
 a session twice. With no match the session stays ``pending`` with a reason people can read,
 recorded as an event when it changes, and is placed by the pass after an agent appears.
+With several replicas only the leading one places (the others forward their kicks), so
+capacity is counted in one place.
 """
 
 from __future__ import annotations
@@ -138,7 +140,16 @@ class Scheduler(KickLoop):
         )
         self.cp = cp
 
+    def kick(self) -> None:
+        """Ask for a pass soon: here if this replica leads, else on the leader."""
+        if self.cp.hub.leading():
+            super().kick()
+        else:
+            self.cp.hub.notify_leader("schedule")
+
     async def _pass(self) -> None:
+        if not self.cp.hub.leading():
+            return  # one replica places, so two never fill the same agent past capacity
         store = self.cp.store
         sessions, _total = await store.list_sessions(states=["pending"], limit=_PAGE)
         pending = [s for s in reversed(sessions) if s.agent_id is None]  # oldest first

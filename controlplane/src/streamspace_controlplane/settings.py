@@ -7,8 +7,10 @@ configuration. A bad value fails at start-up naming the variable.
 from __future__ import annotations
 
 import secrets
+import socket
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
@@ -20,6 +22,10 @@ __all__ = ["MIN_JWT_SECRET_CHARS", "ControlPlaneSettings", "load_settings"]
 
 MIN_JWT_SECRET_CHARS = 32
 """HS256 keys shorter than the hash are guessable; the seed's `openssl rand -base64 32` is 44."""
+
+
+def _generated_pod_name() -> str:
+    return f"{socket.gethostname()}-{secrets.token_hex(3)}"
 
 
 class ControlPlaneSettings(StreamSpaceSettings):
@@ -57,9 +63,22 @@ class ControlPlaneSettings(StreamSpaceSettings):
     vnc_proxy_timeout: Annotated[Duration, Field(gt=0)] = 300.0
     """A VNC stream idle this long is closed."""
     redis_url: SecretStr | None = None
-    """Redis for the ``redis`` hub (several replicas)."""
+    """Redis for the ``redis`` hub (several replicas): ``redis://`` or ``rediss://``."""
     agent_hub_backend: str = "memory"
     """Hub driver in ``streamspace.hubs``: ``memory`` (one process) or ``redis``."""
+    redis_key_prefix: str = ""
+    """Prefix of the ``redis`` hub's keys, for control planes sharing one Redis."""
+    pod_name: str = Field(default_factory=lambda: _generated_pod_name(), min_length=1)
+    """This replica's id among several (Kubernetes: the pod's name); when unset, the host
+    name and a random suffix."""
+    pod_ip: str | None = None
+    """The address other replicas reach this one at, on ``PORT`` (Kubernetes: the pod IP)."""
+    internal_url: str | None = None
+    """Base URL other replicas reach this one at (``http://10.1.2.3:8080``); default from
+    ``POD_IP`` and ``PORT``."""
+    replica_timeout: Annotated[Duration, Field(gt=0)] = 10.0
+    """With several replicas: one silent this long is dead (its entries go, and another
+    takes over its leadership)."""
 
     streamspace_home: Path = Path("~/.streamspace")
     """Where the SQLite database, the generated JWT secret and admin password live."""
@@ -91,6 +110,34 @@ class ControlPlaneSettings(StreamSpaceSettings):
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @field_validator("internal_url")
+    @classmethod
+    def _check_internal_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        return value.rstrip("/")
+
+    def replica_url(self) -> str:
+        """Return the base URL other replicas reach this one at.
+
+        Raises:
+            ConfigError: neither ``INTERNAL_URL`` nor ``POD_IP`` is set and ``PORT`` is 0, so
+                no address can be told to the other replicas.
+        """
+        if self.internal_url:
+            return self.internal_url
+        if self.port == 0:
+            raise ConfigError(
+                "INTERNAL_URL: is required with PORT=0, so other replicas can reach this one"
+            )
+        host = self.pod_ip or socket.gethostbyname(socket.gethostname())
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
 
     @property
     def store_driver(self) -> str:

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
-from streamspace_controlplane.hub.base import AgentConnection, Hub
+from streamspace_controlplane.hub.base import (
+    AgentConnection,
+    Hub,
+    HubUnavailable,
+    Notice,
+    Replica,
+    Tickets,
+)
 
-__all__ = ["AgentConnection", "Hub"]
+__all__ = ["AgentConnection", "Hub", "HubUnavailable", "Notice", "Replica", "Tickets"]

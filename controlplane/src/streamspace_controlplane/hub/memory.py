@@ -1,16 +1,16 @@
 """The ``memory`` hub: the agents connected to this process, in a dict.
 
-Right for one control-plane process (the embedded default). With several replicas an
-agent's socket lands on one pod and commands issued on another must be forwarded, which is
-what the ``redis`` hub adds.
+Right for one control-plane process (the embedded default): every agent is local, the
+process always leads, and tickets live in its memory. With several replicas an agent's
+socket lands on one pod while requests land on any, which is what the ``redis`` hub adds.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
 
-from streamspace_controlplane.hub.base import AgentConnection, Hub
-from streamspace_sdk._models import WireModel
+from streamspace_controlplane.hub.base import AgentConnection, Hub, Tickets
+from streamspace_controlplane.settings import ControlPlaneSettings
 
 __all__ = ["MemoryHub"]
 
@@ -26,9 +26,11 @@ class MemoryHub(Hub):
     name: ClassVar[str] = "memory"
     capabilities: ClassVar[frozenset[str]] = frozenset()
 
-    def __init__(self, settings: Hub.Settings | None = None) -> None:
-        self.settings = settings if settings is not None else self.Settings()
+    def __init__(self, settings: ControlPlaneSettings | None = None) -> None:
+        super().__init__(settings)
         self._conns: dict[str, AgentConnection] = {}
+        self.tickets = Tickets()
+        """The tickets of this process."""
 
     async def attach(self, conn: AgentConnection) -> AgentConnection | None:
         old = self._conns.get(conn.agent_id)
@@ -44,15 +46,11 @@ class MemoryHub(Hub):
     def local(self, agent_id: str) -> AgentConnection | None:
         return self._conns.get(agent_id)
 
-    async def send(self, agent_id: str, frame: WireModel) -> bool:
-        conn = self._conns.get(agent_id)
-        if conn is None:
-            return False
-        try:
-            await conn.send(frame)
-        except ConnectionError:
-            return False
-        return True
-
     def connected(self) -> list[str]:
         return sorted(self._conns)
+
+    async def put_ticket(self, key: str, value: str, ttl_s: float) -> None:
+        self.tickets.put(key, value, ttl_s)
+
+    async def take_ticket(self, key: str) -> str | None:
+        return self.tickets.take(key)

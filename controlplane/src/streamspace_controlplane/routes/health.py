@@ -54,7 +54,7 @@ OPERATIONS = [
         "GET",
         "/ready",
         ready,
-        "Readiness: the store answers and is migrated",
+        "Readiness: the store answers and is migrated, and the hub works",
         auth="public",
         response=ReadyOut,
         errors=(503,),

@@ -11,6 +11,11 @@ with ``vnc.close`` on its own socket, which ends the wait with its reason.
 The token is the only credential: 256 random bits, sent only on the agent's authenticated
 socket, valid for one dial within the open timeout, kept as a hash, never logged. The route
 holds the socket open until the viewer's relay closes the stream.
+
+With several replicas the agent's dial may land on a replica other than the one waiting.
+The waiting one leaves a hub ticket naming its URL; the replica the dial landed on takes
+it, opens the same route on the waiting replica (marked :data:`FORWARDED_HEADER`, so it
+is never forwarded twice) and pumps the bytes between the two sockets.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
+from urllib.parse import quote
 
 from starlette.routing import BaseRoute, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
@@ -30,6 +36,13 @@ from streamspace_controlplane._errors import ApiError
 from streamspace_controlplane.auth import hash_token
 from streamspace_controlplane.core import ControlPlane
 from streamspace_controlplane.http import deny_websocket
+from streamspace_controlplane.hub.base import Hub, HubUnavailable
+from streamspace_controlplane.routes._relay import (
+    ReplicaRefused,
+    close_websocket,
+    dial_replica,
+    relay,
+)
 from streamspace_sdk.errors import StreamRefused
 from streamspace_sdk.protocol import (
     DEDICATED_STREAM_PATH,
@@ -43,11 +56,13 @@ from streamspace_sdk.transports.dedicated import DedicatedTransport
 if TYPE_CHECKING:
     from streamspace_controlplane.routes.agents import AgentSocket
 
-__all__ = ["DedicatedStreams", "WebSocketStream", "dedicated_streams", "routes"]
+__all__ = ["FORWARDED_HEADER", "DedicatedStreams", "WebSocketStream", "dedicated_streams", "routes"]
 
 logger = logging.getLogger("streamspace.controlplane.vnc")
 
 _EXTRA = "vnc.dedicated"
+FORWARDED_HEADER = "x-streamspace-forwarded-by"
+"""Marks a dial forwarded by another replica (its id); such a dial is never forwarded on."""
 _CLOSE_UNSUPPORTED = 1003
 _CLOSE_POLICY = 1008
 
@@ -121,9 +136,15 @@ class _Pending:
 
 
 class DedicatedStreams:
-    """The ``ws-dedicated`` streams this process waits for, by token hash."""
+    """The ``ws-dedicated`` streams this process waits for, by token hash.
 
-    def __init__(self) -> None:
+    Args:
+        hub: where to leave the tickets that let another replica forward a dial here
+            (only a hub with the ``multi-replica`` capability gets them).
+    """
+
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub
         self._pending: dict[str, _Pending] = {}
         self._next_id = 0
 
@@ -141,6 +162,8 @@ class DedicatedStreams:
         self._pending[key] = pending
         stream: WebSocketStream | None = None
         try:
+            if "multi-replica" in self._hub.capabilities and self._hub.url:
+                await self._hub.put_ticket(_ticket_key(token), self._hub.url, timeout_s)
             await conn.send(
                 VncOpen(
                     stream_id=pending.stream_id,
@@ -162,6 +185,8 @@ class DedicatedStreams:
             raise
         except ConnectionError as exc:
             raise StreamRefused(f"the agent's connection is closed: {exc}") from None
+        except HubUnavailable as exc:
+            raise StreamRefused(str(exc)) from None
         finally:
             self._forget(key, pending)
             if stream is None:
@@ -206,11 +231,15 @@ class DedicatedStreams:
             del self._pending[key]
 
 
+def _ticket_key(token: str) -> str:
+    return f"stream:{hash_token(token)}"
+
+
 def dedicated_streams(cp: ControlPlane) -> DedicatedStreams:
     """Return the process's waiting dedicated streams (made on first use)."""
     found = cp.extras.get(_EXTRA)
     if not isinstance(found, DedicatedStreams):
-        found = cp.extras[_EXTRA] = DedicatedStreams()
+        found = cp.extras[_EXTRA] = DedicatedStreams(cp.hub)
     return found
 
 
@@ -222,7 +251,10 @@ def routes() -> list[BaseRoute]:
 async def stream_socket(websocket: WebSocket) -> None:
     """Accept an agent's dedicated stream socket for a waiting viewer; hold it until closed."""
     cp = cast(ControlPlane, websocket.app.state.cp)
-    pending = dedicated_streams(cp).claim(websocket.path_params["stream_token"])
+    token = websocket.path_params["stream_token"]
+    pending = dedicated_streams(cp).claim(token)
+    if pending is None and await _forward(cp, websocket, token):
+        return
     if pending is None:
         logger.info("Refused a dedicated VNC stream socket: unknown or used stream token")
         exc = ApiError(403, "forbidden", "unknown, used or expired stream token")
@@ -240,3 +272,33 @@ async def stream_socket(websocket: WebSocket) -> None:
         await stream.finished.wait()
     finally:
         gauge.dec()
+
+
+async def _forward(cp: ControlPlane, websocket: WebSocket, token: str) -> bool:
+    """Forward a dial meant for another replica there; False if it is for none."""
+    hub = cp.hub
+    if "multi-replica" not in hub.capabilities or FORWARDED_HEADER in websocket.headers:
+        return False
+    try:
+        url = await hub.take_ticket(_ticket_key(token))
+    except HubUnavailable as exc:
+        logger.warning("Cannot forward a dedicated VNC stream socket: %s", exc)
+        return False
+    if not url or url == hub.url:
+        return False
+    path = DEDICATED_STREAM_PATH.format(stream_token=quote(token, safe=""))
+    try:
+        stream = await dial_replica(url, path, {FORWARDED_HEADER: hub.pod}, timeout_s=10.0)
+    except ReplicaRefused as exc:
+        logger.warning("Forwarding a dedicated VNC stream socket to %s failed: %s", url, exc)
+        return False
+    await websocket.accept()
+    gauge = cp.metrics.websockets.labels("agent-stream-relay")
+    gauge.inc()
+    try:
+        code, reason = await relay(websocket, stream, idle_timeout_s=cp.settings.vnc_proxy_timeout)
+    finally:
+        gauge.dec()
+        await stream.close()
+    await close_websocket(websocket, code, reason)
+    return True

@@ -10,12 +10,17 @@ transport the agent uses (``ws-mux`` on its own socket, or ``ws-dedicated``, a s
 dials for this viewer), and bytes are relayed unmodified both ways. Closing either side
 closes the other; a stream idle for ``VNC_PROXY_TIMEOUT`` is closed. Each viewer gets its
 own stream.
+
+With several replicas the viewer may land on one that does not hold the agent. That
+replica asks the hub which one does and opens an internal WebSocket to it,
+``/internal/v1/vnc/{session_id}``, presenting a single-use relay ticket instead of the
+viewer's token (used up here); the holder serves it as it would a viewer, and the first
+replica pumps the bytes between the two sockets, undecoded.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import cast
 from urllib.parse import urlsplit
@@ -23,12 +28,22 @@ from urllib.parse import urlsplit
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, WebSocketRoute
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
+from starlette.websockets import WebSocket
 
-from streamspace_controlplane._errors import ApiError
+from streamspace_controlplane._errors import ERROR_CODES, ApiError
+from streamspace_controlplane.auth import parse_bearer
 from streamspace_controlplane.core import ControlPlane
 from streamspace_controlplane.http import control_plane, deny_websocket, json_response, require_user
+from streamspace_controlplane.hub.base import HubUnavailable
+from streamspace_controlplane.models import Session
 from streamspace_controlplane.openapi import Operation
+from streamspace_controlplane.routes._relay import (
+    CLOSE_UNAVAILABLE,
+    ReplicaRefused,
+    close_websocket,
+    dial_replica,
+    relay,
+)
 from streamspace_controlplane.routes.agents import OFFERED_TRANSPORTS, AgentSocket
 from streamspace_controlplane.routes.streams import dedicated_streams
 from streamspace_controlplane.schemas import VncTokenOut
@@ -37,22 +52,20 @@ from streamspace_sdk.errors import StreamRefused
 from streamspace_sdk.transport import ByteStream
 from streamspace_sdk.transports.mux import MuxTransport
 
-__all__ = ["OPEN_TIMEOUT_S", "OPERATIONS", "SUBPROTOCOL", "VNC_PATH", "routes"]
+__all__ = ["OPEN_TIMEOUT_S", "OPERATIONS", "RELAY_PATH", "SUBPROTOCOL", "VNC_PATH", "routes"]
 
 logger = logging.getLogger("streamspace.controlplane.vnc")
 
 VNC_PATH = "/vnc/{session_id}"
 """Where viewers connect."""
+RELAY_PATH = "/internal/v1/vnc/{session_id}"
+"""Where a replica relays a viewer to the replica holding the session's agent."""
 SUBPROTOCOL = "binary"
 """The WebSocket subprotocol noVNC asks for; chosen when offered."""
 OPEN_TIMEOUT_S = 10.0
 """Seconds the agent may take to connect a stream to the session's VNC server."""
 
-CLOSE_NORMAL = 1000
 CLOSE_POLICY = 1008
-CLOSE_UNSUPPORTED = 1003
-CLOSE_UNAVAILABLE = 1011
-CLOSE_IDLE = 4408
 
 
 async def create_vnc_token(request: Request) -> Response:
@@ -83,8 +96,11 @@ OPERATIONS: list[Operation] = [
 
 
 def routes() -> list[BaseRoute]:
-    """Return the viewer WebSocket route."""
-    return [WebSocketRoute(VNC_PATH, viewer_socket, name="vnc")]
+    """Return the viewer WebSocket route and the replicas' internal one."""
+    return [
+        WebSocketRoute(VNC_PATH, viewer_socket, name="vnc"),
+        WebSocketRoute(RELAY_PATH, replica_socket, name="vnc-relay"),
+    ]
 
 
 def _origin_allowed(cp: ControlPlane, websocket: WebSocket) -> bool:
@@ -119,11 +135,40 @@ async def viewer_socket(websocket: WebSocket) -> None:
     except ApiError as exc:
         await _refuse(websocket, exc)
         return
+    await _serve(cp, websocket, session, relayed=False)
+
+
+async def replica_socket(websocket: WebSocket) -> None:
+    """Serve a viewer another replica relays here, on a relay ticket."""
+    cp = cast(ControlPlane, websocket.app.state.cp)
+    session_id = websocket.path_params["session_id"]
+    try:
+        ticket = parse_bearer(websocket.headers.get("authorization"))
+        session = await vnc_service.redeem_relay_ticket(cp, ticket, session_id)
+    except ApiError as exc:
+        await _refuse(websocket, exc)
+        return
+    await _serve(cp, websocket, session, relayed=True)
+
+
+async def _serve(
+    cp: ControlPlane, websocket: WebSocket, session: Session, *, relayed: bool
+) -> None:
+    """Serve the viewer from this replica's agent socket, or relay it to the holder."""
     conn = cp.hub.local(session.agent_id or "")
+    if conn is None and not relayed:
+        try:
+            replica = await cp.hub.locate(session.agent_id or "")
+        except HubUnavailable as exc:
+            await _refuse(websocket, ApiError(503, "unavailable", str(exc)))
+            return
+        if replica is not None and replica.pod != cp.hub.pod:
+            await _forward(cp, websocket, session, replica.url)
+            return
     if not isinstance(conn, AgentSocket):
         await _refuse(
             websocket,
-            ApiError(503, "unavailable", f"the agent of session {session_id} is not connected"),
+            ApiError(503, "unavailable", f"the agent of session {session.id} is not connected"),
         )
         return
     transport = conn.vnc_transport
@@ -133,106 +178,70 @@ async def viewer_socket(websocket: WebSocket) -> None:
             ApiError(
                 503,
                 "unavailable",
-                f"the agent of session {session_id} uses VNC transports {conn.transports}; "
+                f"the agent of session {session.id} uses VNC transports {conn.transports}; "
                 f"this control plane offers {list(OFFERED_TRANSPORTS)}",
             ),
         )
         return
-    offered = websocket.scope.get("subprotocols", [])
-    await websocket.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
+    await websocket.accept(subprotocol=_subprotocol(websocket))
     metrics = cp.metrics
     loop = asyncio.get_running_loop()
     started = loop.time()
     try:
         stream: ByteStream
         if transport == MuxTransport.name:
-            stream = await conn.mux.open(session_id, timeout_s=OPEN_TIMEOUT_S)
+            stream = await conn.mux.open(session.id, timeout_s=OPEN_TIMEOUT_S)
         else:
-            stream = await dedicated_streams(cp).open(conn, session_id, timeout_s=OPEN_TIMEOUT_S)
+            stream = await dedicated_streams(cp).open(conn, session.id, timeout_s=OPEN_TIMEOUT_S)
     except StreamRefused as exc:
-        logger.warning("VNC stream to session %s refused: %s", session_id, exc.reason)
-        await _close(websocket, CLOSE_UNAVAILABLE, exc.reason)
+        logger.warning("VNC stream to session %s refused: %s", session.id, exc.reason)
+        await close_websocket(websocket, CLOSE_UNAVAILABLE, exc.reason)
         return
     metrics.vnc_stream_open.observe(loop.time() - started)
-    viewers = metrics.vnc_viewers.labels(session_id)
+    viewers = metrics.vnc_viewers.labels(session.id)
     viewers.inc()
     try:
-        code, reason = await _relay(cp, websocket, stream, session_id)
+        code, reason = await relay(
+            websocket,
+            stream,
+            idle_timeout_s=cp.settings.vnc_proxy_timeout,
+            to_stream=metrics.vnc_bytes.labels(session.id, "to_session"),
+            to_websocket=metrics.vnc_bytes.labels(session.id, "to_viewer"),
+        )
     finally:
         viewers.dec()
         await stream.close()
-    await _close(websocket, code, reason)
+    await close_websocket(websocket, code, reason)
 
 
-async def _close(websocket: WebSocket, code: int, reason: str) -> None:
-    with contextlib.suppress(WebSocketDisconnect, WebSocketDisconnected, OSError, RuntimeError):
-        await websocket.close(code, reason[:120])
-
-
-async def _relay(
-    cp: ControlPlane, websocket: WebSocket, stream: ByteStream, session_id: str
-) -> tuple[int, str]:
-    """Pump bytes both ways until one side ends or the stream idles; return the close."""
-    timeout_s = cp.settings.vnc_proxy_timeout
-    loop = asyncio.get_running_loop()
-    last = loop.time()  # of the latest byte either way; the watchdog reads it
-    to_session = cp.metrics.vnc_bytes.labels(session_id, "to_session")
-    to_viewer = cp.metrics.vnc_bytes.labels(session_id, "to_viewer")
-
-    async def from_viewer() -> tuple[int, str]:
-        nonlocal last
-        while True:
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                return CLOSE_NORMAL, ""
-            data = message.get("bytes")
-            if data is None:
-                return CLOSE_UNSUPPORTED, "VNC data must be sent in binary frames"
-            last = loop.time()
-            try:
-                await stream.write(data)
-            except ConnectionError:
-                return CLOSE_NORMAL, _why(stream)
-            to_session.inc(len(data))
-
-    async def from_session() -> tuple[int, str]:
-        nonlocal last
-        while chunk := await stream.read():
-            last = loop.time()
-            try:
-                await websocket.send_bytes(chunk)
-            except (WebSocketDisconnect, WebSocketDisconnected, OSError, RuntimeError):
-                return CLOSE_NORMAL, ""
-            to_viewer.inc(len(chunk))
-        return CLOSE_NORMAL, _why(stream)
-
-    async def watchdog() -> tuple[int, str]:
-        # A deadline, not an event per message: it wakes once per timeout period, so a
-        # busy stream costs it nothing.
-        while True:
-            idle = loop.time() - last
-            if idle >= timeout_s:
-                return CLOSE_IDLE, f"idle for {timeout_s:g}s"
-            await asyncio.sleep(timeout_s - idle)
-
-    tasks = [
-        asyncio.create_task(from_viewer()),
-        asyncio.create_task(from_session()),
-        asyncio.create_task(watchdog()),
-    ]
+async def _forward(cp: ControlPlane, websocket: WebSocket, session: Session, url: str) -> None:
+    """Relay the viewer to the replica at ``url``, which holds the session's agent."""
     try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        ticket = await vnc_service.issue_relay_ticket(cp, session, session.user)
+        stream = await dial_replica(
+            url,
+            RELAY_PATH.format(session_id=session.id),
+            {"Authorization": f"Bearer {ticket}"},
+            timeout_s=OPEN_TIMEOUT_S,
+        )
+    except ApiError as exc:
+        await _refuse(websocket, exc)
+        return
+    except ReplicaRefused as exc:
+        status = 503 if exc.status >= 500 else exc.status
+        error = ERROR_CODES.get(status, "forbidden")
+        await _refuse(websocket, ApiError(status, error, exc.message))
+        return
+    await websocket.accept(subprotocol=_subprotocol(websocket))
+    gauge = cp.metrics.websockets.labels("vnc-relay")
+    gauge.inc()
+    try:
+        code, reason = await relay(websocket, stream, idle_timeout_s=cp.settings.vnc_proxy_timeout)
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    first = next(iter(done))
-    failure = None if first.cancelled() else first.exception()
-    if first.cancelled() or failure is not None:
-        logger.warning("The VNC relay of session %s failed", session_id, exc_info=failure)
-        return CLOSE_UNAVAILABLE, "the relay failed"
-    return first.result()
+        gauge.dec()
+        await stream.close()
+    await close_websocket(websocket, code, reason)
 
 
-def _why(stream: ByteStream) -> str:
-    return stream.close_reason or "the session's VNC server closed"
+def _subprotocol(websocket: WebSocket) -> str | None:
+    return SUBPROTOCOL if SUBPROTOCOL in websocket.scope.get("subprotocols", []) else None

@@ -16,7 +16,7 @@ from pydantic import JsonValue
 
 from streamspace_controlplane.core import ControlPlane
 from streamspace_controlplane.dispatcher import dispatcher_of
-from streamspace_controlplane.hub.base import AgentConnection
+from streamspace_controlplane.hub.base import AgentConnection, HubUnavailable
 from streamspace_controlplane.models import AgentRecord, utcnow
 from streamspace_controlplane.reconciler import CLOSE_HEARTBEAT_TIMEOUT, reconciler_of
 from streamspace_controlplane.store.base import StaleEpoch
@@ -117,14 +117,12 @@ async def _refuse_duplicate(cp: ControlPlane, hello: AgentHello, now: datetime) 
         return
     if hello.fencing_epoch > known.fencing_epoch:
         return
-    live = cp.hub.local(hello.agent_id)
     timeout = timedelta(seconds=cp.settings.agent_heartbeat_timeout)
     alive = (
-        live is not None
-        and known.status == "online"
-        and known.websocket_conn_id == live.conn_id
+        known.status == "online"
         and known.last_heartbeat is not None
         and now - known.last_heartbeat < timeout
+        and await _held(cp, hello.agent_id, known.websocket_conn_id)
     )
     reported = {s.session_id for s in hello.sessions}
     held, _total = await cp.store.list_sessions(
@@ -145,6 +143,17 @@ async def _refuse_duplicate(cp: ControlPlane, hello: AgentHello, now: datetime) 
         reason,
     )
     raise Refused(CLOSE_DUPLICATE, reason)
+
+
+async def _held(cp: ControlPlane, agent_id: str, conn_id: str | None) -> bool:
+    """Whether a replica holds the agent's stored connection (unsure counts as held)."""
+    live = cp.hub.local(agent_id)
+    if live is not None:
+        return live.conn_id == conn_id
+    try:
+        return await cp.hub.locate(agent_id) is not None
+    except HubUnavailable:
+        return True
 
 
 async def register(
@@ -255,6 +264,7 @@ async def handle(cp: ControlPlane, conn: AgentConnection, frame: Frame) -> Error
             if agent is not None and agent.websocket_conn_id == conn.conn_id:
                 raise Refused(CLOSE_HEARTBEAT_TIMEOUT, "marked offline after missed heartbeats")
             raise Refused(CLOSE_SUPERSEDED, "superseded by a newer connection")
+        await cp.hub.refresh(conn)
         return None
     if isinstance(frame, CommandAck):
         return await dispatcher_of(cp).on_ack(agent_id, frame)

@@ -34,7 +34,7 @@ def latest_schema_version(store: Store) -> int | None:
 
 
 async def readiness(cp: ControlPlane) -> tuple[bool, int | None, list[str]]:
-    """Check that the store answers and its schema is up to date.
+    """Check that the store answers, its schema is up to date, and the hub works.
 
     Returns:
         Whether the process is ready, the applied schema version (``None`` if unknown),
@@ -47,6 +47,7 @@ async def readiness(cp: ControlPlane) -> tuple[bool, int | None, list[str]]:
     except (StoreError, OSError) as exc:
         logger.warning("Not ready: store unreachable: %s", exc)
         return False, None, [f"store unreachable: {exc}"]
+    problems.extend(await cp.hub.problems())
     latest = latest_schema_version(cp.store)
     if latest is not None and (version or 0) < latest:
         problems.append(

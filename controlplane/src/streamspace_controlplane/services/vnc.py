@@ -1,33 +1,47 @@
 """VNC viewer tokens: short-lived, single use, bound to one session and one user.
 
 A viewer's WebSocket cannot carry an ``Authorization`` header from a browser, so the REST API
-hands out a token for the URL instead. Only its SHA-256 is kept, in this process's memory:
-a token is redeemed on the replica that issued it or not at all, and it is useless after
-:data:`TOKEN_TTL_S` or its first use, whichever comes first.
+hands out a token for the URL instead. Only its SHA-256 is kept, as a ticket of the hub, so
+a token issued by one replica is redeemed on whichever one the viewer's socket lands on,
+once, and never after :data:`TOKEN_TTL_S`.
+
+A replica that relays a viewer to the replica holding the agent presents a relay ticket of
+the same kind: single use, bound to the session, valid for :data:`RELAY_TTL_S`.
 """
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
 from streamspace_controlplane._errors import ApiError
 from streamspace_controlplane.auth import hash_token
 from streamspace_controlplane.core import ControlPlane
+from streamspace_controlplane.hub.base import Hub, HubUnavailable
 from streamspace_controlplane.models import Session
 from streamspace_controlplane.services import sessions
 from streamspace_sdk.hooks import Principal
 
-__all__ = ["TOKEN_TTL_S", "VncGrant", "VncTokens", "issue_token", "redeem_token", "tokens"]
+__all__ = [
+    "RELAY_TTL_S",
+    "TOKEN_TTL_S",
+    "VncGrant",
+    "VncTokens",
+    "issue_relay_ticket",
+    "issue_token",
+    "redeem_relay_ticket",
+    "redeem_token",
+    "tokens",
+]
 
 TOKEN_TTL_S = 60.0
 """Seconds a VNC token is valid: enough to load the viewer page and connect, no more."""
-
-MAX_TOKENS = 100_000
-"""Most unexpired tokens kept; past it the oldest go first, so memory stays bounded."""
+RELAY_TTL_S = 10.0
+"""Seconds a relay ticket is valid: it is presented at once, by the replica that made it."""
 
 _EXTRA = "vnc.tokens"
 
@@ -45,66 +59,93 @@ class VncGrant:
 
 
 class VncTokens:
-    """The VNC tokens issued by this process, by hash.
+    """VNC tokens kept as tickets of ``hub``, by hash, under one kind (``vnc``, ``relay``).
 
     Args:
+        hub: where the tickets live (every replica's hub sees the same ones).
         clock: seconds since the epoch (injectable for tests).
         ttl_s: how long a token is accepted.
+        kind: prefix of the ticket keys, so a token of one kind never opens another.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.time, ttl_s: float = TOKEN_TTL_S) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        clock: Callable[[], float] = time.time,
+        ttl_s: float = TOKEN_TTL_S,
+        kind: str = "vnc",
+    ) -> None:
+        self._hub = hub
         self._clock = clock
         self.ttl_s = ttl_s
-        self._grants: dict[str, VncGrant] = {}
+        self._kind = kind
 
-    def __len__(self) -> int:
-        return len(self._grants)
+    def _key(self, token: str) -> str:
+        return f"{self._kind}:{hash_token(token)}"
 
-    def issue(self, session_id: str, username: str) -> tuple[str, VncGrant]:
-        """Return a new token and what it grants."""
-        self._evict()
+    async def issue(self, session_id: str, username: str) -> tuple[str, VncGrant]:
+        """Return a new token and what it grants.
+
+        Raises:
+            HubUnavailable: the hub could not keep it.
+        """
         token = secrets.token_urlsafe(32)
         grant = VncGrant(session_id, username, self._clock() + self.ttl_s)
-        self._grants[hash_token(token)] = grant
+        await self._hub.put_ticket(self._key(token), json.dumps(asdict(grant)), self.ttl_s)
         return token, grant
 
-    def redeem(self, token: str, session_id: str) -> VncGrant | None:
+    async def redeem(self, token: str, session_id: str) -> VncGrant | None:
         """Use up ``token``; return its grant if it is valid for ``session_id``, else ``None``.
 
         A token presented for another session is used up all the same.
+
+        Raises:
+            HubUnavailable: the hub could not be asked.
         """
-        grant = self._grants.pop(hash_token(token), None)
-        if grant is None or grant.session_id != session_id:
+        raw = await self._hub.take_ticket(self._key(token))
+        if raw is None:
             return None
-        if self._clock() >= grant.expires_at:
+        try:
+            grant = VncGrant(**json.loads(raw))
+        except (TypeError, ValueError):
+            return None
+        if grant.session_id != session_id or self._clock() >= grant.expires_at:
             return None
         return grant
-
-    def _evict(self) -> None:
-        now = self._clock()
-        for key in [k for k, g in self._grants.items() if g.expires_at <= now]:
-            del self._grants[key]
-        while len(self._grants) >= MAX_TOKENS:
-            del self._grants[next(iter(self._grants))]
 
 
 def tokens(cp: ControlPlane) -> VncTokens:
     """Return the process's VNC tokens (made on first use; a test may put its own)."""
     found = cp.extras.get(_EXTRA)
     if not isinstance(found, VncTokens):
-        found = cp.extras[_EXTRA] = VncTokens()
+        found = cp.extras[_EXTRA] = VncTokens(cp.hub)
     return found
+
+
+def _relay_tickets(cp: ControlPlane) -> VncTokens:
+    found = cp.extras.get(_EXTRA + ".relay")
+    if not isinstance(found, VncTokens):
+        found = cp.extras[_EXTRA + ".relay"] = VncTokens(cp.hub, ttl_s=RELAY_TTL_S, kind="relay")
+    return found
+
+
+def _unavailable(exc: HubUnavailable) -> ApiError:
+    return ApiError(503, "unavailable", f"VNC tokens are unavailable: {exc}")
 
 
 async def issue_token(cp: ControlPlane, actor: Principal, session_id: str) -> tuple[str, datetime]:
     """Issue a VNC token for a running session the caller may see.
 
     Raises:
-        ApiError: 404 when the caller may not see the session; 409 when it is not running.
+        ApiError: 404 when the caller may not see the session; 409 when it is not running;
+            503 when the hub cannot keep tokens.
     """
     session = await sessions.get_session(cp, actor, session_id)
     _check_running(session)
-    token, grant = tokens(cp).issue(session.id, actor.username)
+    try:
+        token, grant = await tokens(cp).issue(session.id, actor.username)
+    except HubUnavailable as exc:
+        raise _unavailable(exc) from None
     return token, datetime.fromtimestamp(grant.expires_at, UTC)
 
 
@@ -113,12 +154,41 @@ async def redeem_token(cp: ControlPlane, token: str | None, session_id: str) -> 
 
     Raises:
         ApiError: 403 for a missing, unknown, expired, used or other-session token;
-            409 when the session is no longer running.
+            409 when the session is no longer running; 503 when the hub cannot be asked.
     """
-    grant = tokens(cp).redeem(token, session_id) if token else None
+    return await _redeem(cp, tokens(cp), token, session_id, "VNC token")
+
+
+async def issue_relay_ticket(cp: ControlPlane, session: Session, username: str) -> str:
+    """Return a ticket another replica accepts, once, to serve ``session``'s VNC to a viewer
+    of ``username`` relayed from this one.
+
+    Raises:
+        ApiError: 503 when the hub cannot keep it.
+    """
+    try:
+        ticket, _grant = await _relay_tickets(cp).issue(session.id, username)
+    except HubUnavailable as exc:
+        raise _unavailable(exc) from None
+    return ticket
+
+
+async def redeem_relay_ticket(cp: ControlPlane, ticket: str | None, session_id: str) -> Session:
+    """Use up a relay ticket; return the running session it opens. Errors as
+    :func:`redeem_token`."""
+    return await _redeem(cp, _relay_tickets(cp), ticket, session_id, "relay ticket")
+
+
+async def _redeem(
+    cp: ControlPlane, kept: VncTokens, token: str | None, session_id: str, what: str
+) -> Session:
+    try:
+        grant = await kept.redeem(token, session_id) if token else None
+    except HubUnavailable as exc:
+        raise _unavailable(exc) from None
     if grant is None:
         raise ApiError(
-            403, "forbidden", "invalid VNC token: unknown, expired, used or for another session"
+            403, "forbidden", f"invalid {what}: unknown, expired, used or for another session"
         )
     session = await cp.store.get_session(session_id)
     if session is None:

@@ -723,6 +723,16 @@ class SqlStore(Store):
         )
         return await self._fetch(_COMMANDS, sql, agent_id, self._time(now), limit)
 
+    async def due_agents(self, now: datetime) -> list[str]:
+        """Return the agents with a pending or sent command due by ``now``, by id."""
+        sql = (
+            "SELECT DISTINCT agent_id FROM agent_commands WHERE status IN ('pending', 'sent') "
+            "AND (next_attempt_at IS NULL OR next_attempt_at <= ?) ORDER BY agent_id"
+        )
+        async with self._connection() as conn:
+            rows = await conn.fetch(sql, self._time(now))
+        return [str(row["agent_id"]) for row in rows]
+
     async def mark_command_sent(
         self, command_id: str, at: datetime, next_attempt_at: datetime
     ) -> bool:

@@ -269,6 +269,12 @@ class Store(ABC):
         """Return the agent's ``pending`` or ``sent`` commands whose ``next_attempt_at`` has
         passed (or is unset), oldest first."""
 
+    async def due_agents(self, now: datetime) -> list[str]:
+        """Return the agents with a ``pending`` or ``sent`` command due by ``now``."""
+        open_commands = await self.list_commands(statuses=["pending", "sent"])
+        due = {c.agent_id for c in open_commands if (c.next_attempt_at or now) <= now}
+        return sorted(due)
+
     @abstractmethod
     async def mark_command_sent(
         self, command_id: str, at: datetime, next_attempt_at: datetime
