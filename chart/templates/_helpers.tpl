@@ -108,7 +108,7 @@ component: {{ .component }}
 
 {{/* The names of the environment the user sets on a container: (dict "env" map "extra" list). */}}
 {{- define "streamspace.userEnvNames" -}}
-{{- $names := keys .env -}}
+{{- $names := keys (.env | default dict) -}}
 {{- range .extra -}}{{- $names = append $names .name -}}{{- end -}}
 {{- toJson $names -}}
 {{- end -}}
@@ -134,7 +134,8 @@ judge alone.
 {{- if not (or .Values.redis.enabled (has "REDIS_URL" $user)) -}}
 {{- fail (printf "%s needs Redis for the agent hub: set redis.enabled=true, or api.env.REDIS_URL to a Redis of your own." $replicas) -}}
 {{- end -}}
-{{- if and (hasKey .Values.api.env "AGENT_HUB_BACKEND") (eq (toString .Values.api.env.AGENT_HUB_BACKEND) "memory") -}}
+{{- $hub := get (.Values.api.env | default dict) "AGENT_HUB_BACKEND" | toString -}}
+{{- if eq $hub "memory" -}}
 {{- fail (printf "%s cannot use api.env.AGENT_HUB_BACKEND=memory: each replica would see only its own agents. Leave it unset (the chart sets redis) or set redis." $replicas) -}}
 {{- end -}}
 {{- end -}}
@@ -186,7 +187,7 @@ map (sorted by name) and `extraEnv` list. Call with (dict "chart" list "env" map
 {{- end -}}
 {{- $extraNames := list -}}
 {{- range .extra -}}{{- $extraNames = append $extraNames .name -}}{{- end -}}
-{{- range $name, $value := .env -}}
+{{- range $name, $value := (.env | default dict) -}}
 {{- if not (has $name $extraNames) -}}
 {{- $out = append $out (dict "name" $name "value" (toString $value)) -}}
 {{- end -}}

@@ -396,3 +396,24 @@ def test_values_the_programs_cannot_run_with_fail_the_install(
     with pytest.raises(helm.HelmRenderError) as failed:
         render(values)
     assert message in str(failed.value)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"api": {"env": None, "extraEnv": None, "resources": None, "podSecurityContext": None}},
+        {"k8sAgent": {"enabled": True, "env": None, "extraEnv": None, "affinity": None}},
+        {"ingress": {"enabled": True, "host": "desk.example.com", "annotations": None}},
+        {"redis": {"enabled": True, "resources": None}},
+    ],
+)
+def test_a_default_set_to_null_is_left_out(render: Any, values: dict[str, Any]) -> None:
+    """`--set key=null` removes a default (Helm's rule); the templates still render."""
+    r = render(values)
+    for obj in r.objects:
+        kubernetes_validate.validate(obj, kube_versions()[-1], strict=True)
+    if "ingress" in values:
+        annotations = r.get("Ingress", "streamspace")["metadata"]["annotations"]
+        assert annotations == {"nginx.ingress.kubernetes.io/websocket-services": API}
+    if "api" in values:
+        assert "resources" not in container(r.get("Deployment", API), "api")
