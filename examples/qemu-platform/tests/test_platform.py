@@ -4,12 +4,14 @@ its settings, adoption details, and every bad input."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 from pathlib import Path
 
 import pytest
+import uvloop
 from conftest import (
     BIOS_SCREEN,
     BOOTED_SCREEN,
@@ -37,6 +39,15 @@ def cmdline(pid: int) -> list[str]:
 
 def environ(pid: int) -> list[bytes]:
     return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+
+
+def descriptors(pid: int | str) -> list[str]:
+    """What the open descriptors of process ``pid`` point to (``pipe:[...]``, paths...)."""
+    found = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):  # the listing's own descriptor is gone by now
+            found.append(os.readlink(fd))
+    return found
 
 
 def gone(pid: int) -> bool:
@@ -254,3 +265,26 @@ async def test_odd_session_ids_get_safe_directories(platform: QemuPlatform) -> N
     assert folder.name.startswith("_")
     await platform.stop(sid, 2)
     assert list((platform.state_dir / "sessions").iterdir()) == []
+
+
+def test_starts_under_uvloop_and_the_vm_holds_nothing_of_the_agent(state_dir: Path) -> None:
+    """The agent runs on uvloop; under it, an asyncio subprocess leaves descriptors in the
+    child that a daemonised QEMU would keep (and a start would hang reading its stderr)."""
+    platform = QemuPlatform(settings(state_dir, qemu_start_timeout=10), agent_id="uv")
+
+    async def start_and_look() -> list[str]:
+        sid = new_id()
+        status = await platform.start(make_spec(sid))
+        assert status.state == "running"
+        pid = status.platform_metadata["pid"]
+        assert isinstance(pid, int)
+        held = descriptors(pid)
+        await platform.stop(sid, 2)
+        return held
+
+    held = uvloop.run(start_and_look())
+    ours = set(descriptors("self"))
+    shared = [t for t in held if t.startswith(("pipe:", "socket:")) and t in ours]
+    assert not shared, f"the VM holds descriptors of the agent: {shared}"
+    sockets = [t for t in held if t.startswith("socket:")]
+    assert len(sockets) == 1, f"the VM should hold its VNC socket only: {held}"

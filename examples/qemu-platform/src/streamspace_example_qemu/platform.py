@@ -33,6 +33,7 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
@@ -194,22 +195,12 @@ class QemuPlatform(Platform):
                 ``QEMU_ACCEL=kvm``, or ``QEMU_STATE_DIR`` is not writable.
         """
         binary = self._binary()
-        proc = await asyncio.create_subprocess_exec(
-            binary,
-            "-version",
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env=self._qemu_env(),
-        )
         try:
-            output, _ = await asyncio.wait_for(proc.communicate(), self.config.qemu_start_timeout)
+            code, output = await self._run([binary, "-version"])
         except TimeoutError:
-            proc.kill()
-            await proc.wait()
             raise PlatformError(f"{binary} -version did not answer") from None
-        if proc.returncode != 0:
-            raise PlatformError(f"{binary} -version failed: {output.decode(errors='replace')}")
+        if code != 0:
+            raise PlatformError(f"{binary} -version failed: {output}")
         if self.config.qemu_accel == "kvm" and not os.access(_KVM_DEVICE, os.R_OK | os.W_OK):
             raise PlatformError(
                 "QEMU_ACCEL=kvm needs read and write access to /dev/kvm (add the agent's user "
@@ -316,22 +307,40 @@ class QemuPlatform(Platform):
 
     async def _run_daemonized(self, argv: list[str]) -> str | None:
         """Run QEMU with ``-daemonize``; return ``None`` once the VM is up, else its error."""
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            env=self._qemu_env(),
-        )
         try:
-            _, err = await asyncio.wait_for(proc.communicate(), self.config.qemu_start_timeout)
+            code, error = await self._run(argv)
         except TimeoutError:
-            proc.kill()
-            await proc.wait()
             return f"QEMU did not set the VM up within {self.config.qemu_start_timeout:g}s"
-        if proc.returncode == 0:
+        if code == 0:
             return None
-        return err.decode(errors="replace").strip() or f"exit status {proc.returncode}"
+        return error or f"exit status {code}"
+
+    async def _run(self, argv: list[str]) -> tuple[int, str]:
+        """Run ``argv`` to its end; return its exit status and its stderr (stripped).
+
+        The standard library's ``subprocess`` in a thread, not an asyncio subprocess: the
+        agent runs on uvloop, whose children keep a stray copy of the stderr pipe, which
+        a daemonised QEMU would hold open, so reading it would never end. ``subprocess``
+        closes every other descriptor in the child (``close_fds``), so QEMU inherits
+        nothing of the agent's.
+
+        Raises:
+            TimeoutError: ``argv`` ran longer than ``QEMU_START_TIMEOUT``.
+        """
+        try:
+            done = await asyncio.to_thread(
+                subprocess.run,
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                env=self._qemu_env(),
+                timeout=self.config.qemu_start_timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise TimeoutError from None
+        return done.returncode, done.stderr.decode(errors="replace").strip()
 
     def _argv(self, spec: SessionSpec, port: int, disk: Path | None, disk_format: str) -> list[str]:
         limits = spec.resources
