@@ -57,3 +57,5 @@ async def test_policy_vetoes_and_audit_lines_are_written(stack: Stack, tmp_path:
     assert ("carol", "session.create", f"session/{refused}") in done
     assert ("alice", "session.create", f"session/{allowed}") in done
     assert all(line["at"].endswith("Z") for line in lines)
+    (created,) = [line for line in lines if line["resource"] == f"session/{refused}"]
+    assert created["detail"] == {"template": "bars", "user": "carol"}

@@ -9,15 +9,23 @@ viewer doing the RFB handshake over the WebSocket and reading a whole frame.
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import AGENT, WAIT_S, Stack, create_session, create_template, vnc_url, wait_state
+from conftest import (
+    AGENT,
+    WAIT_S,
+    Stack,
+    clean_env,
+    create_session,
+    create_template,
+    vnc_url,
+    wait_state,
+)
 from rfb import Screen, read_screen
-
-pytestmark = pytest.mark.asyncio
 
 BIOS_SCREEN = (720, 400)
 """SeaBIOS's text screen, "No bootable device" on a disk-less VM."""
@@ -49,6 +57,7 @@ async def vm_gone(state_dir: Path, session_id: str) -> bool:
     return not (state_dir / "sessions" / session_id).exists()
 
 
+@pytest.mark.asyncio
 async def test_vm_screen_is_readable_through_the_control_plane(
     stack: Stack, tmp_path: Path
 ) -> None:
@@ -86,3 +95,18 @@ async def test_vm_screen_is_readable_through_the_control_plane(
         assert r.status_code == 200, r.text
         await wait_state(admin, session_id, "stopped")
         assert await vm_gone(state_dir, session_id), "stopped, but its VM's state is there"
+
+
+def test_agent_without_qemu_exits_saying_what_to_install(tmp_path: Path) -> None:
+    env = clean_env(
+        AGENT_ID="no-qemu",
+        CONTROL_PLANE_URL="ws://127.0.0.1:9",  # never dialled: the check comes first
+        PLATFORM="qemu",
+        QEMU_BINARY="qemu-system-x86_64-not-installed",
+        QEMU_STATE_DIR=str(tmp_path / "qemu"),
+        HEALTH_PORT="0",
+    )
+    done = subprocess.run(AGENT, env=env, capture_output=True, text=True, timeout=WAIT_S)
+    assert done.returncode == 2, done
+    assert "QEMU_BINARY 'qemu-system-x86_64-not-installed' is not installed" in done.stderr
+    assert "apt-get install qemu-system-x86" in done.stderr

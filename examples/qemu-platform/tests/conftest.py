@@ -11,7 +11,6 @@ import contextlib
 import os
 import signal
 import struct
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,9 +32,9 @@ BOOTED_SCREEN = (640, 400)
 
 
 @pytest.fixture(scope="session")
-def run_dir() -> Iterator[Path]:
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """This run's root; every VM whose pid file is under it is killed at the end."""
-    root = Path(tempfile.mkdtemp(prefix="ssqemu-"))
+    root = tmp_path_factory.mktemp("qemu")
     yield root
     for pid_file in root.glob("**/qemu.pid"):
         with contextlib.suppress(OSError, ValueError):
