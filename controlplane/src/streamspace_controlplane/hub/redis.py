@@ -192,10 +192,11 @@ class RedisHub(MemoryHub):
         """Stop the loops and withdraw: hand leadership over, remove this replica's entries."""
         tasks, self._tasks = self._tasks, []
         for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Cancelled again until done: redis-py can swallow a cancellation that lands
+            # in the middle of a command.
+            while not task.done():
+                task.cancel()
+                await asyncio.wait([task], timeout=1.0)
         try:
             async with self._call("withdraw the replica"):
                 await self._delete_if_ours(keys=[self._leader_key], args=[self.pod])

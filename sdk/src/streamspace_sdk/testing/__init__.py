@@ -11,6 +11,9 @@ suite                      required fixture        checks
 ``TransportConformance``   ``transport_pair``      bytes intact, close, backpressure, streams
 ``ElectionMachine``        ``make_lease`` method   one leader at a time, epochs that grow
 =========================  ======================  ==========================================
+
+``TcpBalancer`` stands in for a Service in front of several control planes (and cuts
+connections on demand).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from streamspace_sdk.testing.platform import (
     PlatformFactory,
     SpecFactory,
 )
+from streamspace_sdk.testing.tcp import TcpBalancer
 from streamspace_sdk.testing.transport import StreamPairFactory, TransportConformance
 
 __all__ = [
@@ -53,6 +57,7 @@ __all__ = [
     "PlatformFactory",
     "SpecFactory",
     "StreamPairFactory",
+    "TcpBalancer",
     "TransportConformance",
     "memory_stream_pair",
     "settle",

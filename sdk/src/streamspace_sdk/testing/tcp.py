@@ -1,0 +1,154 @@
+"""A TCP forwarder for tests: a Service in front of several backends, and a cable to cut.
+
+:class:`TcpBalancer` listens on 127.0.0.1 and forwards each connection to a backend, as a
+Kubernetes Service forwards to its pods: ``first`` sends every connection to the first
+backend that accepts (a preferred replica, then the others when it is gone), and
+``round-robin`` rotates the first choice. A backend that refuses is skipped, so a client
+whose replica died reconnects to a live one. :meth:`TcpBalancer.cut` drops every open
+connection, as a crashed node or a broken network would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Sequence
+from typing import Literal
+
+__all__ = ["TcpBalancer"]
+
+_CHUNK = 256 * 1024
+
+
+class TcpBalancer:
+    """Forward connections on ``127.0.0.1:port`` to ``backends`` (``(host, port)`` pairs).
+
+    Use as ``async with TcpBalancer([...]) as lb:``; :attr:`port` is then bound.
+
+    Args:
+        backends: Where to forward, in order of preference.
+        policy: ``first`` (the first that accepts) or ``round-robin``.
+        connect_timeout_s: How long one backend may take to accept before the next is tried.
+    """
+
+    def __init__(
+        self,
+        backends: Sequence[tuple[str, int]],
+        *,
+        policy: Literal["first", "round-robin"] = "first",
+        connect_timeout_s: float = 2.0,
+    ) -> None:
+        if policy not in ("first", "round-robin"):
+            raise ValueError(f"policy must be 'first' or 'round-robin', not {policy!r}")
+        self.backends = list(backends)
+        """Where connections go; may be changed while it runs."""
+        self.policy = policy
+        self.connect_timeout_s = connect_timeout_s
+        self.accepted: dict[tuple[str, int], int] = {}
+        """How many connections each backend accepted."""
+        self._turn = itertools.count()
+        self._server: asyncio.Server | None = None
+        self._links: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def port(self) -> int:
+        """The port it listens on."""
+        if self._server is None:
+            raise RuntimeError("TcpBalancer is not started")
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def __aenter__(self) -> TcpBalancer:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.close()
+        self.cut()
+        if self._links:
+            await asyncio.gather(*self._links, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    def cut(self) -> int:
+        """Reset every open connection, both sides; return how many were open."""
+        links = len(self._links)
+        for writer in list(self._writers):
+            transport = writer.transport
+            if not transport.is_closing():
+                transport.abort()
+        return links
+
+    def _order(self) -> list[tuple[str, int]]:
+        backends = list(self.backends)
+        if self.policy == "round-robin" and backends:
+            start = next(self._turn) % len(backends)
+            backends = backends[start:] + backends[:start]
+        return backends
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._links.add(task)
+        self._writers.add(writer)
+        try:
+            for backend in self._order():
+                try:
+                    async with asyncio.timeout(self.connect_timeout_s):
+                        up_reader, up_writer = await asyncio.open_connection(*backend)
+                except (OSError, TimeoutError):
+                    continue
+                self.accepted[backend] = self.accepted.get(backend, 0) + 1
+                self._writers.add(up_writer)
+                try:
+                    await _pipe_both(reader, writer, up_reader, up_writer)
+                finally:
+                    self._writers.discard(up_writer)
+                    _close(up_writer)
+                return
+        finally:
+            self._writers.discard(writer)
+            _close(writer)
+            self._links.discard(task)
+
+
+async def _pipe_both(
+    a_reader: asyncio.StreamReader,
+    a_writer: asyncio.StreamWriter,
+    b_reader: asyncio.StreamReader,
+    b_writer: asyncio.StreamWriter,
+) -> None:
+    """Copy both ways until both ends have finished, or until either fails."""
+    pending = {
+        asyncio.create_task(_pipe(a_reader, b_writer)),
+        asyncio.create_task(_pipe(b_reader, a_writer)),
+    }
+    try:
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if not all(task.result() for task in done):
+                return  # a reset: the other way cannot go on either
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """Copy until end of file and pass the EOF on; False if either side failed."""
+    try:
+        while data := await reader.read(_CHUNK):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+    except OSError:
+        return False
+    return True
+
+
+def _close(writer: asyncio.StreamWriter) -> None:
+    if not writer.transport.is_closing():
+        writer.close()
