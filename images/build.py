@@ -595,7 +595,7 @@ def _remove_superseded(
 
 def _inspect(client: docker.DockerClient, tag: str) -> dict[str, Any] | None:
     try:
-        found: dict[str, Any] = client.api.inspect_image(tag)
+        found: dict[str, Any] = client.api.inspect_image(tag)  # type: ignore[no-untyped-call]
     except docker.errors.ImageNotFound:
         return None
     return found
