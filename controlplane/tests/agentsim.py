@@ -62,8 +62,19 @@ WAIT_S = 10.0
 """Default bound on every wait; a test that hits it has found a bug, not a slow machine."""
 
 
+def bind(host: str = "127.0.0.1") -> socket.socket:
+    """Return a listening socket on a free port of ``host`` (to learn the port first)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    sock.listen(1024)
+    return sock
+
+
 @contextlib.asynccontextmanager
-async def serve(app: Any, host: str = "127.0.0.1") -> AsyncIterator[str]:
+async def serve(
+    app: Any, host: str = "127.0.0.1", sock: socket.socket | None = None
+) -> AsyncIterator[str]:
     """Serve an ASGI app with uvicorn on a free port; yield its ``ws://host:port`` URL.
 
     Uses the sans-I/O ``websockets`` implementation (the legacy one is deprecated) with
@@ -71,10 +82,8 @@ async def serve(app: Any, host: str = "127.0.0.1") -> AsyncIterator[str]:
     lifespan, so the background loops run as in production. The socket is bound first, so
     a client that connects at once waits in the backlog until the app has started.
     """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, 0))
-    sock.listen(1024)
+    if sock is None:
+        sock = bind(host)
     port = sock.getsockname()[1]
     config = uvicorn.Config(
         app,
@@ -485,16 +494,17 @@ class Harness:
 
 @contextlib.asynccontextmanager
 async def serve_control_plane(
-    settings: ControlPlaneSettings, store: Store
+    settings: ControlPlaneSettings, store: Store, sock: socket.socket | None = None
 ) -> AsyncIterator[Harness]:
-    """Build a control plane on ``store`` (no hook plugins), serve it, yield a :class:`Harness`."""
+    """Build a control plane on ``store`` (no hook plugins), serve it (on ``sock`` if
+    given), yield a :class:`Harness`."""
     hooks = Hooks(
         make_plugin_manager(
             settings=PluginSettings(streamspace_load_plugins=""), load_entrypoints=False
         )
     )
     cp = build_control_plane(settings, store=store, hooks=hooks)
-    async with serve(create_app(cp)) as url:
+    async with serve(create_app(cp), sock=sock) as url:
         harness = Harness(cp, url)
         try:
             yield harness

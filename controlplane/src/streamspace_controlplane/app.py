@@ -51,7 +51,7 @@ def build_control_plane(
         hub=hub,
         hooks=hooks,
         jwt_secret=settings.resolve_jwt_secret(),
-        events=SessionEvents(store, hooks),
+        events=SessionEvents(store, hooks, hub),
     )
     scheduler, reconciler, dispatcher = Scheduler(cp), Reconciler(cp), Dispatcher(cp)
     cp.scheduler, cp.reconciler = scheduler, reconciler
@@ -67,6 +67,8 @@ def build_control_plane(
             scheduler.kick()
         elif notice == "reconcile":
             reconciler.kick()
+        elif notice == "event":
+            cp.events.poke(arg)
         else:  # "lead": a new leader catches up at once
             scheduler.kick()
             reconciler.kick()

@@ -61,12 +61,19 @@ class _NoKick:
 
 
 class SessionEvents:
-    """Session state changes: stored as events, streamed to subscribers, sent to hooks."""
+    """Session state changes: stored as events, streamed to subscribers, sent to hooks.
 
-    def __init__(self, store: Store, hooks: Hooks) -> None:
+    Subscribers of this process get each event it records; with several replicas the hub
+    tells the others, whose subscribers get ``None``: a nudge to read the store.
+    """
+
+    def __init__(self, store: Store, hooks: Hooks, hub: Hub | None = None) -> None:
         self._store = store
         self._hooks = hooks
-        self._subscribers: dict[str, set[asyncio.Queue[SessionEventRecord]]] = defaultdict(set)
+        self._hub = hub
+        self._subscribers: dict[str, set[asyncio.Queue[SessionEventRecord | None]]] = defaultdict(
+            set
+        )
 
     async def transition(
         self,
@@ -112,6 +119,8 @@ class SessionEvents:
         for queue in list(self._subscribers.get(session.id, ())):
             if queue.qsize() < 1000:  # a stalled reader loses live events, not the store's
                 queue.put_nowait(event)
+        if self._hub is not None:
+            self._hub.notify_all("event", session.id)
         await self._hooks.session_event(
             SessionEvent(
                 session_id=session.id,
@@ -124,13 +133,20 @@ class SessionEvents:
         )
         return event
 
-    def subscribe(self, session_id: str) -> asyncio.Queue[SessionEventRecord]:
-        """Return a queue that receives the session's new events until ``unsubscribe``."""
-        queue: asyncio.Queue[SessionEventRecord] = asyncio.Queue()
+    def subscribe(self, session_id: str) -> asyncio.Queue[SessionEventRecord | None]:
+        """Return a queue that receives the session's new events until ``unsubscribe``, and
+        ``None`` when another replica recorded one (read the store for it)."""
+        queue: asyncio.Queue[SessionEventRecord | None] = asyncio.Queue()
         self._subscribers[session_id].add(queue)
         return queue
 
-    def unsubscribe(self, session_id: str, queue: asyncio.Queue[SessionEventRecord]) -> None:
+    def poke(self, session_id: str) -> None:
+        """Another replica recorded an event of the session: nudge its subscribers here."""
+        for queue in list(self._subscribers.get(session_id, ())):
+            if queue.empty():  # one nudge is enough: the reader reads every new event
+                queue.put_nowait(None)
+
+    def unsubscribe(self, session_id: str, queue: asyncio.Queue[SessionEventRecord | None]) -> None:
         """Stop delivering to ``queue``."""
         queues = self._subscribers.get(session_id)
         if queues is not None:

@@ -31,11 +31,12 @@ __all__ = [
     "Tickets",
 ]
 
-Notice = Literal["wake", "schedule", "reconcile", "lead"]
+Notice = Literal["wake", "schedule", "reconcile", "event", "lead"]
 """What one replica tells another:
 
 - ``wake`` (to the holder of an agent): its outbox has commands due;
 - ``schedule``, ``reconcile`` (to the leader): run a scheduler or reconciler pass;
+- ``event`` (to every other replica): a session, the argument, has a new event stored;
 - ``lead`` (to itself): this replica has just become the leader.
 """
 
@@ -216,6 +217,9 @@ class Hub(ABC):
     def notify_leader(self, notice: Notice) -> None:
         """Tell the leading replica, this one if it leads (without waiting)."""
         self._deliver(notice)
+
+    def notify_all(self, notice: Notice, arg: str) -> None:
+        """Tell every other replica (without waiting); a hub of one has none."""
 
     # -- tickets ----------------------------------------------------------------------------
 

@@ -10,9 +10,10 @@ What Redis holds (every key under ``REDIS_KEY_PREFIX``):
 - ``leader``: the replica that runs the cluster-wide passes, a lease of ``REPLICA_TIMEOUT``.
 - ``ticket:{key}``: single-use VNC, relay and stream tickets, taken with ``GETDEL``.
 - the channel ``inbox:{pod}``: notices for a replica (``wake`` an agent's outbox, run a
-  ``schedule`` or ``reconcile`` pass). They are hints: the PostgreSQL outbox is the record
-  of truth, and every replica looks there for due commands each second, so a notice lost
-  with Redis costs at most that second.
+  ``schedule`` or ``reconcile`` pass), and ``broadcast`` for all (a session ``event`` was
+  stored). They are hints: the PostgreSQL outbox is the record of truth, and every replica
+  looks there for due commands each second, so a notice lost with Redis costs at most
+  that second (an event stream reads the store at least every 15 s).
 
 A Redis outage leaves the agents connected here served (commands still flow through the
 store); replicas cannot reach each other's agents until it is back, which ``/ready`` says.
@@ -129,6 +130,7 @@ class RedisHub(MemoryHub):
         """Agent id → the entry value written for its current connection here."""
         self._lead_until = 0.0
         """Monotonic time up to which this replica is sure it leads."""
+        # (agent id, or None for the leader, or "*" for everyone; notice; argument)
         self._outbox: asyncio.Queue[tuple[str | None, Notice, str]] = asyncio.Queue(_OUTBOX_LIMIT)
         self._tasks: list[asyncio.Task[None]] = []
         self._problem: str | None = None
@@ -150,6 +152,10 @@ class RedisHub(MemoryHub):
     @property
     def _pods_key(self) -> str:
         return f"{self._prefix}pods"
+
+    @property
+    def _broadcast(self) -> str:
+        return f"{self._prefix}broadcast"
 
     @property
     def _leader_key(self) -> str:
@@ -307,6 +313,9 @@ class RedisHub(MemoryHub):
         else:
             self._post(None, notice, "")
 
+    def notify_all(self, notice: Notice, arg: str) -> None:
+        self._post("*", notice, arg)
+
     def _post(self, agent_id: str | None, notice: Notice, arg: str) -> None:
         try:
             self._outbox.put_nowait((agent_id, notice, arg))
@@ -317,6 +326,11 @@ class RedisHub(MemoryHub):
         while True:
             agent_id, notice, arg = await self._outbox.get()
             try:
+                if agent_id == "*":
+                    message = json.dumps({"notice": notice, "arg": arg, "from": self.pod})
+                    async with self._call("publish a notice"):
+                        await self._redis.publish(self._broadcast, message)
+                    continue
                 if agent_id is None:
                     async with self._call("find the leader"):
                         pod = await self._redis.get(self._leader_key)
@@ -339,7 +353,7 @@ class RedisHub(MemoryHub):
         while True:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(self._inbox(self.pod))
+                await pubsub.subscribe(self._inbox(self.pod), self._broadcast)
                 delay = 0.1
                 async for message in pubsub.listen():
                     self._on_message(message.get("data"))
@@ -362,6 +376,8 @@ class RedisHub(MemoryHub):
         if notice not in _NOTICES or not isinstance(arg, str):
             logger.warning("Ignored an unknown hub notice: %.200r", data)
             return
+        if message.get("from") == self.pod:
+            return  # our own broadcast: this replica acted on it already
         self._deliver(notice, arg)
 
     # -- liveness and leadership ------------------------------------------------------------

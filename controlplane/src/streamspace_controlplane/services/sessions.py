@@ -344,8 +344,8 @@ class EventFeed:
     """A session's events: first those stored after ``after_id``, then live ones.
 
     Use as ``async with`` (it subscribes on entry, so nothing recorded in between is
-    lost) and call :meth:`next`. When nothing arrives for a while, :meth:`next` checks the
-    store, so events recorded by another replica arrive too, just later.
+    lost) and call :meth:`next`. Events recorded by another replica arrive through the
+    hub's nudge; when nothing arrives for a while, :meth:`next` checks the store anyway.
     """
 
     def __init__(self, cp: ControlPlane, session_id: str, after_id: int) -> None:
@@ -353,7 +353,7 @@ class EventFeed:
         self.session_id = session_id
         self.last_id = after_id
         self._backlog: deque[SessionEventRecord] = deque()
-        self._queue: asyncio.Queue[SessionEventRecord] | None = None
+        self._queue: asyncio.Queue[SessionEventRecord | None] | None = None
         self._caught_up = False
 
     async def __aenter__(self) -> EventFeed:
@@ -408,7 +408,10 @@ class EventFeed:
                     live = await self._queue.get()
             except TimeoutError:
                 continue
-            self._backlog.append(live)
+            if live is None:
+                await self._fill()  # another replica recorded it
+            else:
+                self._backlog.append(live)
             event = self._take()
             if event is not None:
                 return event

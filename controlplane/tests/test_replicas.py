@@ -1,0 +1,320 @@
+"""Several replicas in one test: three control planes on one PostgreSQL database and one
+Redis (the real ones), a real agent with the ``process`` platform on a real Xvnc, held by
+replica C and reached through a :class:`TcpBalancer` standing in for the Service.
+
+Requests land on A and viewers on B, so every command and every VNC byte crosses replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+import redis.asyncio as aioredis
+from agentsim import Harness, bind, eventually, fast_settings, serve_control_plane
+from pydantic import SecretStr
+from test_vnc import RFB_VERSION, _ws_io, screen_of
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+from websockets.typing import Subprotocol
+
+from streamspace_controlplane.store.postgres import PostgresStore
+from streamspace_sdk import Agent, AgentSettings
+from streamspace_sdk.agent import Backoff
+from streamspace_sdk.hooks import Hooks, make_plugin_manager
+from streamspace_sdk.platforms import ProcessPlatform
+from streamspace_sdk.settings import PluginSettings
+from streamspace_sdk.testing import TcpBalancer
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+ADMIN_PASSWORD = "admin-password-for-tests"
+AGENT_ID = "held-by-c"
+
+
+@dataclass
+class Replica:
+    name: str
+    harness: Harness
+    http: httpx.AsyncClient
+    stop: Callable[[], Any]
+
+    @property
+    def ws(self) -> str:
+        return self.harness.url
+
+    @property
+    def port(self) -> int:
+        return int(self.ws.rsplit(":", 1)[1])
+
+    def sample(self, name: str, **labels: str) -> float:
+        return self.harness.cp.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+class Cluster:
+    """Starts replicas on one database and one Redis prefix; stops them all at the end."""
+
+    def __init__(self, dsn: str, prefix: str, root: Path) -> None:
+        self.dsn, self.prefix, self.root = dsn, prefix, root
+        self.stack = contextlib.AsyncExitStack()
+        self.replicas: dict[str, Replica] = {}
+
+    async def start(self, name: str) -> Replica:
+        sock = bind()
+        port = sock.getsockname()[1]
+        settings = fast_settings(
+            self.root / name,
+            agent_hub_backend="redis",
+            redis_url=REDIS_URL,
+            redis_key_prefix=self.prefix,
+            pod_name=name,
+            internal_url=f"http://127.0.0.1:{port}",
+            replica_timeout="1s",
+        )
+        store = PostgresStore(self.dsn)
+        done = asyncio.Event()
+        stopped = asyncio.Event()
+
+        async def run() -> None:
+            async with serve_control_plane(settings, store, sock) as harness:
+                base = "http" + harness.url.removeprefix("ws")
+                async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+                    login = await http.post(
+                        "/api/v1/auth/login",
+                        json={"username": "admin", "password": ADMIN_PASSWORD},
+                    )
+                    assert login.status_code == 200, login.text
+                    http.headers["Authorization"] = f"Bearer {login.json()['token']}"
+                    self.replicas[name] = Replica(name, harness, http, done.set)
+                    started.set()
+                    await done.wait()
+            stopped.set()
+
+        started = asyncio.Event()
+        task = asyncio.create_task(run(), name=f"replica {name}")
+        started_or_failed = asyncio.ensure_future(started.wait())
+        await asyncio.wait([task, started_or_failed], return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            started_or_failed.cancel()
+            task.result()  # raises what went wrong
+        replica = self.replicas[name]
+
+        async def stop() -> None:
+            done.set()
+            await task
+
+        replica.stop = stop
+        self.stack.push_async_callback(stop)
+        return replica
+
+
+@pytest_asyncio.fixture
+async def prefix() -> AsyncIterator[str]:
+    made = f"test-{secrets.token_hex(4)}:"
+    try:
+        yield made
+    finally:
+        client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
+        keys = [k async for k in client.scan_iter(match=f"{made}*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+
+
+@pytest_asyncio.fixture
+async def cluster(fresh_pg_dsn: str, prefix: str, tmp_path: Path) -> AsyncIterator[Cluster]:
+    made = Cluster(fresh_pg_dsn, prefix, tmp_path)
+    async with made.stack:
+        for name in ("a", "b", "c"):
+            await made.start(name)
+        yield made
+
+
+@contextlib.asynccontextmanager
+async def agent_behind(
+    balancer: TcpBalancer, token: str, state: Path, transport: str
+) -> AsyncIterator[Agent]:
+    """A real agent dialling the balancer (so, first, replica C)."""
+    platform = ProcessPlatform(
+        ProcessPlatform.Settings(
+            process_state_dir=state, process_start_timeout=15.0, process_stop_timeout=1.0
+        ),
+        agent_id=AGENT_ID,
+    )
+    agent = Agent(
+        AgentSettings(
+            agent_id=AGENT_ID,
+            control_plane_url=f"ws://127.0.0.1:{balancer.port}",
+            agent_token=SecretStr(token),
+            health_port=0,
+            heartbeat_interval=0.5,
+            vnc_transport=transport,
+            region="c",
+        ),
+        platform,
+        hooks=Hooks(
+            make_plugin_manager(
+                settings=PluginSettings(streamspace_load_plugins=""), load_entrypoints=False
+            )
+        ),
+        backoff=Backoff(base_s=0.05, cap_s=0.2, reset_after_s=60.0),
+    )
+    task = asyncio.create_task(agent.serve())
+    try:
+        yield agent
+    finally:
+        await agent.stop()
+        await task
+        for status in await platform.list_sessions():
+            await platform.stop(status.session_id, status.generation + 1)
+
+
+async def held_by(cluster: Cluster, name: str) -> None:
+    """Wait until replica ``name`` holds the agent (and the others know it)."""
+    held = cluster.replicas[name].harness.cp.hub
+
+    async def ready() -> bool:
+        if held.local(AGENT_ID) is None:
+            return False
+        for other in cluster.replicas.values():
+            if other.name != name:
+                where = await other.harness.cp.hub.locate(AGENT_ID)
+                if where is None or where.pod != name:
+                    return False
+        return True
+
+    await eventually(ready, timeout_s=15)
+
+
+async def vnc_screen(viewer_on: Replica, token_from: Replica, session_id: str) -> tuple[int, int]:
+    """Take a token from one replica, view through another; return the screen's size."""
+    r = await token_from.http.post(f"/api/v1/sessions/{session_id}/vnc-token")
+    assert r.status_code == 201, r.text
+    token = r.json()["token"]
+    async with connect(
+        f"{viewer_on.ws}/vnc/{session_id}?token={token}",
+        subprotocols=[Subprotocol("binary")],
+        compression=None,
+        max_size=None,
+    ) as ws:
+        assert ws.subprotocol == "binary"
+        screen = await screen_of(_ws_io(ws))
+    assert screen.banner == RFB_VERSION
+    assert any(screen.pixels)
+    return screen.size
+
+
+@pytest.mark.parametrize("transport", ["ws-mux", "ws-dedicated"])
+@pytest.mark.asyncio
+async def test_rest_on_a_runs_on_c_and_a_viewer_on_b_sees_the_desktop(
+    cluster: Cluster, tmp_path: Path, transport: str
+) -> None:
+    a, b, c = (cluster.replicas[n] for n in "abc")
+    created = await a.http.post(
+        "/api/v1/templates",
+        json={"name": "desktop", "display_name": "Desktop", "platform": "process", "region": "c"},
+    )
+    assert created.status_code == 201, created.text
+    r = await a.http.post("/api/v1/agents/held-by-c/tokens")
+    assert r.status_code == 201, r.text
+    # Round robin: the agent's socket goes to C; a dedicated stream's dial lands on A
+    # next, which must forward it to C.
+    async with (
+        TcpBalancer(
+            [("127.0.0.1", c.port), ("127.0.0.1", a.port), ("127.0.0.1", b.port)],
+            policy="round-robin",
+        ) as balancer,
+        agent_behind(balancer, r.json()["token"], tmp_path / "state", transport),
+    ):
+        await held_by(cluster, "c")
+        leader = [x.name for x in (a, b, c) if x.harness.cp.hub.leading()]
+        assert leader == ["a"]  # it started first
+
+        r = await a.http.post("/api/v1/sessions", json={"template": "desktop"})
+        assert r.status_code == 201, r.text
+        session_id = r.json()["id"]
+        await a.harness.wait_state(session_id, "running", timeout_s=30)
+
+        width, height = await vnc_screen(b, a, session_id)
+        assert width > 0
+        assert height > 0
+        assert (
+            b.sample("streamspace_vnc_bytes_total", session_id=session_id, direction="to_viewer")
+            == 0
+        )  # B relayed, C counted
+        assert (
+            c.sample("streamspace_vnc_bytes_total", session_id=session_id, direction="to_viewer")
+            > 0
+        )
+        if transport == "ws-dedicated":
+            assert balancer.accepted[("127.0.0.1", a.port)] >= 1
+
+        # A token is single use on every replica.
+        r = await a.http.post(f"/api/v1/sessions/{session_id}/vnc-token")
+        token = r.json()["token"]
+        async with connect(f"{b.ws}/vnc/{session_id}?token={token}"):
+            pass
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(f"{c.ws}/vnc/{session_id}?token={token}"):
+                pass
+        assert refused.value.response.status_code == 403
+        # The relay's own door takes no viewer token and no replayed ticket.
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(
+                f"{c.ws}/internal/v1/vnc/{session_id}",
+                additional_headers={"Authorization": f"Bearer {token}"},
+            ):
+                pass
+        assert refused.value.response.status_code == 403
+
+        # Stop on B: the command crosses to C, the outcome is seen on A.
+        r = await b.http.patch(f"/api/v1/sessions/{session_id}", json={"state": "stopped"})
+        assert r.status_code in (200, 202), r.text
+        await a.harness.wait_state(session_id, "stopped", timeout_s=20)
+
+
+@pytest.mark.asyncio
+async def test_when_c_goes_its_agent_moves_and_commands_and_viewers_follow(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    a, b, c = (cluster.replicas[n] for n in "abc")
+    created = await a.http.post(
+        "/api/v1/templates",
+        json={"name": "desktop", "display_name": "Desktop", "platform": "process", "region": "c"},
+    )
+    assert created.status_code == 201, created.text
+    r = await a.http.post("/api/v1/agents/held-by-c/tokens")
+    token = r.json()["token"]
+    async with (
+        TcpBalancer(
+            [("127.0.0.1", c.port), ("127.0.0.1", a.port), ("127.0.0.1", b.port)]
+        ) as balancer,
+        agent_behind(balancer, token, tmp_path / "state", "ws-mux"),
+    ):
+        await held_by(cluster, "c")
+        r = await b.http.post("/api/v1/sessions", json={"template": "desktop"})
+        first = r.json()["id"]
+        await b.harness.wait_state(first, "running", timeout_s=30)
+
+        await c.stop()  # C leaves; the Service sends the agent to A
+        del cluster.replicas["c"]
+        await held_by(cluster, "a")
+
+        r = await b.http.post("/api/v1/sessions", json={"template": "desktop"})
+        second = r.json()["id"]
+        await b.harness.wait_state(second, "running", timeout_s=30)
+        first_now = (await b.http.get(f"/api/v1/sessions/{first}")).json()
+        assert first_now["state"] == "running"  # adopted, not restarted
+        assert (await vnc_screen(b, b, first))[0] > 0  # B relays to A now
+        r = await b.http.patch(f"/api/v1/sessions/{second}", json={"state": "stopped"})
+        assert r.status_code in (200, 202), r.text
+        await b.harness.wait_state(second, "stopped", timeout_s=20)
+    ready = await b.http.get("/ready")
+    assert ready.status_code == 200, ready.text
