@@ -37,7 +37,7 @@ import asyncpg
 import httpx
 import redis.asyncio as aioredis
 from _common import base_env, free_port, quantiles, stop_process, wait_ready
-from vnc_relay import MB, MIB, SCRIPT, round_trips, throughput, ws_opener
+from vnc_relay import MB, MIB, SCRIPT, Opener, round_trips, throughput, ws_opener
 
 ADMIN_PASSWORD = "bench-admin-password"
 AGENT_ID = "bench-multipod-agent"
