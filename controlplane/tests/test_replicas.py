@@ -19,7 +19,7 @@ import httpx
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
-from agentsim import Harness, bind, eventually, fast_settings, serve_control_plane
+from agentsim import Harness, Refused, bind, eventually, fast_settings, serve_control_plane
 from pydantic import SecretStr
 from test_vnc import RFB_VERSION, _ws_io, screen_of
 from websockets.asyncio.client import connect
@@ -176,16 +176,16 @@ async def agent_behind(
             await platform.stop(status.session_id, status.generation + 1)
 
 
-async def held_by(cluster: Cluster, name: str) -> None:
+async def held_by(cluster: Cluster, name: str, agent_id: str = AGENT_ID) -> None:
     """Wait until replica ``name`` holds the agent (and the others know it)."""
     held = cluster.replicas[name].harness.cp.hub
 
     async def ready() -> bool:
-        if held.local(AGENT_ID) is None:
+        if held.local(agent_id) is None:
             return False
         for other in cluster.replicas.values():
             if other.name != name:
-                where = await other.harness.cp.hub.locate(AGENT_ID)
+                where = await other.harness.cp.hub.locate(agent_id)
                 if where is None or where.pod != name:
                     return False
         return True
@@ -318,3 +318,19 @@ async def test_when_c_goes_its_agent_moves_and_commands_and_viewers_follow(
         await b.harness.wait_state(second, "stopped", timeout_s=20)
     ready = await b.http.get("/ready")
     assert ready.status_code == 200, ready.text
+
+
+@pytest.mark.asyncio
+async def test_a_second_process_of_an_agent_is_refused_on_another_replica(
+    cluster: Cluster,
+) -> None:
+    a, c = cluster.replicas["a"], cluster.replicas["c"]
+    first = await c.harness.agent("twin", connect=False)
+    await first.connect(instance_id="host-1")
+    await held_by(cluster, "c", "twin")
+    second = await a.harness.agent("twin", connect=False, token=await c.harness.token("twin"))
+    with pytest.raises(Refused) as refused:
+        await second.connect(instance_id="host-2")
+    assert refused.value.code == 4429
+    assert "already connected" in refused.value.reason
+    assert c.harness.cp.hub.local("twin") is not None  # the first keeps its socket
