@@ -334,3 +334,13 @@ async def test_a_second_process_of_an_agent_is_refused_on_another_replica(
     assert refused.value.code == 4429
     assert "already connected" in refused.value.reason
     assert c.harness.cp.hub.local("twin") is not None  # the first keeps its socket
+
+
+@pytest.mark.asyncio
+async def test_a_silent_agent_is_closed_by_the_replica_holding_it(cluster: Cluster) -> None:
+    b = cluster.replicas["b"]
+    assert not b.harness.cp.hub.leading()
+    silent = await b.harness.agent("silent", heartbeat=False)
+    closed = await silent.wait_closed(timeout_s=15)
+    assert closed.code == 4408
+    assert "no heartbeat" in closed.reason

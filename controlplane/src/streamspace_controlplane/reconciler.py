@@ -106,15 +106,24 @@ class Reconciler(KickLoop):
     async def _pass(self) -> None:
         touched, self._touched = self._touched, set()
         due = self._full_due or time.monotonic() - self._last_full >= self.interval_s
-        if not due or not self.cp.hub.leading():
+        leading = self.cp.hub.leading()
+        if not due or not leading:
             for session_id in touched:
                 session = await self.cp.store.get_session(session_id)
                 if session is not None:
                     await self.converge(session)
+        if not due:
             return
         self._full_due, self._last_full = False, time.monotonic()
         now = utcnow()
-        await self._sweep_heartbeats(await self.cp.store.list_agents(status="online"), now)
+        online = await self.cp.store.list_agents(status="online")
+        if not leading:
+            # Only the holder can close a silent agent's socket; the leader sweeps the rest.
+            await self._sweep_heartbeats(
+                [a for a in online if self.cp.hub.local(a.agent_id) is not None], now
+            )
+            return
+        await self._sweep_heartbeats(online, now)
         agents = await self.cp.store.list_agents()
         await self._mark_lost(agents, now)
         seen: set[str] = set()
