@@ -34,6 +34,7 @@ Needs the ``docker`` Python package and a Docker engine (``DOCKER_HOST`` or the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import re
 import shlex
@@ -100,9 +101,8 @@ _BASE_EXCLUDES = (
     "/usr/share/lintian/*",
 )
 _BASE_HOOKS = (
-    # Byte code Debian's python3 packages compile at install; Python compiles on demand.
-    'find "$1/usr/lib/python3" "$1/usr/lib/python3.11" -name __pycache__ -type d -prune '
-    "-exec rm -rf {} +",
+    # The standard library's byte code stays: the images run as a user who could not
+    # write it, so every process start would compile it again.
     'rm -rf "$1/var/cache/apt" "$1/var/lib/apt/lists" "$1/var/log/apt"',
 )
 _BASE_CHANGES = (
@@ -245,10 +245,13 @@ def ensure_base(
             )
         except docker.errors.DockerException as exc:
             raise BuildError(f"the Docker engine refused to import {tag}: {exc}") from None
-    found = _inspect(client, tag)
+    previous, found = found, _inspect(client, tag)
     if found is None:
         raise BuildError(f"the engine reported no error, yet has no image {tag}")
     progress(f"{tag} is {found['Id']}")
+    if previous is not None and previous["Id"] != found["Id"]:
+        with contextlib.suppress(docker.errors.APIError):  # images built on it still use it
+            client.api.remove_image(previous["Id"])
     return str(found["Id"])
 
 

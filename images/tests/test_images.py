@@ -60,7 +60,7 @@ AGENTS = {
 """What each agent image's ``streamspace-agent plugins`` must list besides the SDK's own."""
 
 MAX_SIZE_MIB = {"control-plane": 200, "docker-agent": 180, "k8s-agent": 300}
-"""Upper bounds on the image sizes (base ~110 MiB): a regression past them is a fat image.
+"""Upper bounds on the image sizes (base ~120 MiB): a regression past them is a fat image.
 The k8s agent carries the kubernetes client (~90 MiB installed)."""
 
 
