@@ -131,9 +131,12 @@ class Hub(ABC):
     name: ClassVar[str]
     capabilities: ClassVar[frozenset[str]] = frozenset()
     """``multi-replica``: agents may be held by other processes, which it reaches."""
+    Settings: ClassVar[type[ControlPlaneSettings]] = ControlPlaneSettings
+    """What a hub is built with: the control plane's settings (a hub's own variables, such
+    as ``REDIS_URL``, are among them)."""
 
     def __init__(self, settings: ControlPlaneSettings | None = None) -> None:
-        self.settings = settings if settings is not None else ControlPlaneSettings()
+        self.settings = settings if settings is not None else self.Settings()
         self.pod = self.settings.pod_name
         """This replica's id (``POD_NAME``)."""
         self.url: str | None = None
