@@ -380,3 +380,20 @@ async def test_a_redis_outage_is_reported_and_local_agents_stay_served(
         assert located.pod == "pod-a"
         with contextlib.suppress(HubUnavailable):
             await hub.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_quiet_inbox_stays_subscribed(
+    make_hub: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Quiet channels are normal: longer than Redis calls may take, no reconnects."""
+    from streamspace_controlplane.hub import redis as redis_hub
+
+    inbox_a = Inbox()
+    await make_hub("pod-a", inbox_a)
+    b = await make_hub("pod-b")
+    with caplog.at_level(logging.WARNING, "streamspace.controlplane.hub"):
+        await asyncio.sleep(redis_hub._TIMEOUT_S * 1.5)  # nothing to await: time passing
+        b.notify_leader("schedule")
+        await inbox_a.wait_for("schedule")
+    assert not [r for r in caplog.records if "subscription lost" in r.getMessage()]

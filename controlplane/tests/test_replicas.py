@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 from agentsim import Harness, Refused, bind, eventually, fast_settings, serve_control_plane
 from pydantic import SecretStr
 from test_vnc import RFB_VERSION, _ws_io, screen_of
+from test_vnc import _closed_within as closed_within
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Subprotocol
@@ -274,9 +275,16 @@ async def test_rest_on_a_runs_on_c_and_a_viewer_on_b_sees_the_desktop(
                 pass
         assert refused.value.response.status_code == 403
 
-        # Stop on B: the command crosses to C, the outcome is seen on A.
-        r = await b.http.patch(f"/api/v1/sessions/{session_id}", json={"state": "stopped"})
-        assert r.status_code in (200, 202), r.text
+        # Stop on B, with a viewer relayed by B from C: the command crosses to C, C closes
+        # the viewer at once (B passes the close on), the outcome is seen on A.
+        r = await a.http.post(f"/api/v1/sessions/{session_id}/vnc-token")
+        async with connect(
+            f"{b.ws}/vnc/{session_id}?token={r.json()['token']}", compression=None
+        ) as viewer:
+            assert await viewer.recv() == RFB_VERSION
+            r = await b.http.patch(f"/api/v1/sessions/{session_id}", json={"state": "stopped"})
+            assert r.status_code in (200, 202), r.text
+            assert await closed_within(viewer) == (4403, "the session is stopping")
         await a.harness.wait_state(session_id, "stopped", timeout_s=20)
 
 

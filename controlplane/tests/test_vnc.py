@@ -521,3 +521,70 @@ async def _dial_twice(env: Env) -> None:
         assert refused.value.response.status_code == 403
         await ws.send(RFB_VERSION)
         assert len(await ws.recv()) >= 2  # security types: the stream still works
+
+
+async def _closed_within(ws: ClientConnection, timeout_s: float = 5.0) -> tuple[int, str]:
+    """Wait (at most ``timeout_s``) for the control plane to close the viewer."""
+
+    async def drain() -> None:
+        while True:
+            await ws.recv()
+
+    async with asyncio.timeout(timeout_s):
+        with pytest.raises(ConnectionClosed) as closed:
+            await drain()
+    rcvd = closed.value.rcvd
+    assert rcvd is not None, "closed without a close frame"
+    return rcvd.code, rcvd.reason
+
+
+@pytest.mark.asyncio
+async def test_stopping_or_deleting_a_session_closes_its_viewers_at_once(env: Env) -> None:
+    async with env.viewer(await env.token()) as ws:
+        await rfb_handshake(_ws_io(ws))
+        r = await env.http.patch(
+            f"/api/v1/sessions/{env.session_id}", json={"state": "stopped"}, headers=env.alice
+        )
+        assert r.status_code == 200, r.text
+        assert await _closed_within(ws) == (4403, "the session is stopping")
+    second = await env.start_session(env.alice)
+    async with env.viewer(await env.token(second), second) as ws:
+        await rfb_handshake(_ws_io(ws))
+        r = await env.http.delete(f"/api/v1/sessions/{second}", headers=env.alice)
+        assert r.status_code == 202, r.text
+        assert await _closed_within(ws) == (4403, "the session is stopping")
+
+
+@pytest.mark.asyncio
+async def test_deleting_a_user_closes_the_viewers_they_hold(env: Env) -> None:
+    r = await env.http.post(
+        "/api/v1/users",
+        json={"username": "carol", "password": USER_PASSWORD, "role": "admin"},
+        headers=env.admin,
+    )
+    assert r.status_code == 201, r.text
+    carol = await _login(env.http, "carol", USER_PASSWORD)
+    async with env.viewer(await env.token(headers=carol)) as ws:  # an admin views alice's
+        await rfb_handshake(_ws_io(ws))
+        r = await env.http.delete("/api/v1/users/carol", headers=env.admin)
+        assert r.status_code == 204, r.text
+        assert await _closed_within(ws) == (4403, "the user was deleted")
+
+
+@pytest.mark.asyncio
+async def test_revoking_the_agent_token_disconnects_the_agent_and_its_viewers(env: Env) -> None:
+    r = await env.http.get("/api/v1/agent-tokens", headers=env.admin)
+    assert r.status_code == 200, r.text
+    (token,) = [t for t in r.json() if t["agent_id"] == AGENT_ID and t["revoked_at"] is None]
+    async with env.viewer(await env.token()) as ws:
+        await rfb_handshake(_ws_io(ws))
+        r = await env.http.delete(f"/api/v1/agent-tokens/{token['token_id']}", headers=env.admin)
+        assert r.status_code == 204, r.text
+        assert await _closed_within(ws) == (4403, "the agent's token was revoked")
+
+    async def offline() -> bool:
+        agent = await env.harness.cp.store.get_agent(AGENT_ID)
+        return agent is not None and agent.status == "offline"
+
+    await eventually(offline, timeout_s=5)
+    assert env.harness.cp.hub.local(AGENT_ID) is None  # and it cannot come back with it

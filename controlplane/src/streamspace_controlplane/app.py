@@ -20,6 +20,7 @@ from streamspace_controlplane.routes import ui as ui_routes
 from streamspace_controlplane.routes import vnc as vnc_routes
 from streamspace_controlplane.scheduler import Scheduler
 from streamspace_controlplane.services import templates as template_service
+from streamspace_controlplane.services import tunnels as tunnel_service
 from streamspace_controlplane.services import users as user_service
 from streamspace_controlplane.settings import ControlPlaneSettings
 from streamspace_controlplane.store.base import Store
@@ -69,6 +70,8 @@ def build_control_plane(
             reconciler.kick()
         elif notice == "event":
             cp.events.poke(arg)
+        elif notice == "revoke":
+            tunnel_service.apply_revocation(cp, arg)
         else:  # "lead": a new leader catches up at once
             scheduler.kick()
             reconciler.kick()

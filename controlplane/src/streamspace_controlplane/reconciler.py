@@ -116,15 +116,10 @@ class Reconciler(KickLoop):
             return
         self._full_due, self._last_full = False, time.monotonic()
         now = utcnow()
-        online = await self.cp.store.list_agents(status="online")
-        if not leading:
-            # Only the holder can close a silent agent's socket; the leader sweeps the rest.
-            await self._sweep_heartbeats(
-                [a for a in online if self.cp.hub.local(a.agent_id) is not None], now
-            )
-            return
-        await self._sweep_heartbeats(online, now)
         agents = await self.cp.store.list_agents()
+        await self._sweep_heartbeats(agents, now, leading=leading)
+        if not leading:
+            return
         await self._mark_lost(agents, now)
         seen: set[str] = set()
         for session in await self._sessions():
@@ -146,19 +141,30 @@ class Reconciler(KickLoop):
             if not page or len(found) >= total:
                 return found
 
-    async def _sweep_heartbeats(self, online: Sequence[AgentRecord], now: datetime) -> None:
+    async def _sweep_heartbeats(
+        self, agents: Sequence[AgentRecord], now: datetime, *, leading: bool
+    ) -> None:
+        """Mark silent agents offline (the leader, for all) and close the sockets of those
+        held here (every replica: another cannot close them)."""
         timeout = self.cp.settings.agent_heartbeat_timeout
-        for agent in online:
-            if agent.last_heartbeat is not None and now - agent.last_heartbeat < timedelta(
-                seconds=timeout
-            ):
-                continue
-            if not await self.cp.store.set_agent_offline(agent.agent_id, agent.websocket_conn_id):
-                continue  # it re-registered meanwhile
-            reason = f"no heartbeat in {format_duration(timeout)}"
-            logger.warning("Agent %s marked offline: %s", agent.agent_id, reason)
+        reason = f"no heartbeat in {format_duration(timeout)}"
+        for agent in agents:
             conn = self.cp.hub.local(agent.agent_id)
-            if conn is not None and conn.conn_id == agent.websocket_conn_id:
+            held = conn is not None and conn.conn_id == agent.websocket_conn_id
+            if not held and not (leading and agent.status == "online"):
+                continue
+            silent = agent.last_heartbeat is None or now - agent.last_heartbeat >= timedelta(
+                seconds=timeout
+            )
+            if agent.status == "online":
+                if not silent:
+                    continue
+                if not await self.cp.store.set_agent_offline(
+                    agent.agent_id, agent.websocket_conn_id
+                ):
+                    continue  # it re-registered meanwhile
+                logger.warning("Agent %s marked offline: %s", agent.agent_id, reason)
+            if held and conn is not None:
                 await conn.close(CLOSE_HEARTBEAT_TIMEOUT, reason)
 
     async def _mark_lost(self, agents: Sequence[AgentRecord], now: datetime) -> None:

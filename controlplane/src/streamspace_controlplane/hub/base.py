@@ -31,12 +31,13 @@ __all__ = [
     "Tickets",
 ]
 
-Notice = Literal["wake", "schedule", "reconcile", "event", "lead"]
+Notice = Literal["wake", "schedule", "reconcile", "event", "revoke", "lead"]
 """What one replica tells another:
 
 - ``wake`` (to the holder of an agent): its outbox has commands due;
 - ``schedule``, ``reconcile`` (to the leader): run a scheduler or reconciler pass;
 - ``event`` (to every other replica): a session, the argument, has a new event stored;
+- ``revoke`` (to every other replica): end the live access the argument describes;
 - ``lead`` (to itself): this replica has just become the leader.
 """
 
@@ -59,6 +60,11 @@ class AgentConnection(Protocol):
     @property
     def conn_id(self) -> str:
         """Unique id of this connection."""
+        ...
+
+    @property
+    def token_id(self) -> str:
+        """Id of the agent token the connection was authenticated with."""
         ...
 
     async def send(self, frame: WireModel) -> None:

@@ -355,8 +355,12 @@ class RedisHub(MemoryHub):
             try:
                 await pubsub.subscribe(self._inbox(self.pod), self._broadcast)
                 delay = 0.1
-                async for message in pubsub.listen():
-                    self._on_message(message.get("data"))
+                while True:
+                    # A bounded wait, not listen(): a quiet channel is no failure, and
+                    # each call lets redis-py ping a connection idle for too long.
+                    message = await pubsub.get_message(timeout=_TIMEOUT_S / 2)
+                    if message is not None:
+                        self._on_message(message.get("data"))
             except (RedisError, OSError) as exc:
                 self._problem = f"redis unreachable at {self.redis_url}: {exc}"
                 logger.warning("Inbox subscription lost (%s); retrying in %.1fs", exc, delay)

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Callable
 
 from prometheus_client import Counter
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
@@ -122,9 +123,11 @@ async def relay(
     idle_timeout_s: float,
     to_stream: Counter | None = None,
     to_websocket: Counter | None = None,
+    revoked: tuple[asyncio.Event, Callable[[], tuple[int, str]]] | None = None,
 ) -> tuple[int, str]:
     """Pump bytes both ways until one side ends or both idle ``idle_timeout_s``; return
-    the close code and reason for ``websocket``. ``to_*`` count the bytes moved."""
+    the close code and reason for ``websocket``. ``to_*`` count the bytes moved; when the
+    event of ``revoked`` is set, the relay ends with the close its function returns."""
     loop = asyncio.get_running_loop()
     last = loop.time()  # of the latest byte either way; the watchdog reads it
 
@@ -166,11 +169,18 @@ async def relay(
                 return CLOSE_IDLE, f"idle for {idle_timeout_s:g}s"
             await asyncio.sleep(idle_timeout_s - idle)
 
+    async def revocation() -> tuple[int, str]:
+        assert revoked is not None
+        await revoked[0].wait()
+        return revoked[1]()
+
     tasks = [
         asyncio.create_task(from_websocket()),
         asyncio.create_task(from_stream()),
         asyncio.create_task(watchdog()),
     ]
+    if revoked is not None:
+        tasks.append(asyncio.create_task(revocation()))
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:

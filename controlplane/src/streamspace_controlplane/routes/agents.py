@@ -101,10 +101,13 @@ class AgentSocket:
         agent_id: str,
         conn_id: str,
         transports: list[str] | None = None,
+        *,
+        token_id: str = "",
     ) -> None:
         self._ws = websocket
         self._agent_id = agent_id
         self._conn_id = conn_id
+        self._token_id = token_id
         self._lock = asyncio.Lock()
         self.mux = MuxStreams(self)
         """The VNC streams multiplexed on this socket."""
@@ -124,6 +127,10 @@ class AgentSocket:
     @property
     def conn_id(self) -> str:
         return self._conn_id
+
+    @property
+    def token_id(self) -> str:
+        return self._token_id
 
     async def send(self, frame: WireModel) -> None:
         await self._send(text=dump_frame(frame))
@@ -167,7 +174,13 @@ async def agent_socket(websocket: WebSocket, *, hello_timeout_s: float = HELLO_T
         hello = await _receive_hello(websocket, hello_timeout_s)
         if hello is None:
             return
-        conn = AgentSocket(websocket, hello.agent_id, new_connection_id(), hello.transports)
+        conn = AgentSocket(
+            websocket,
+            hello.agent_id,
+            new_connection_id(),
+            hello.transports,
+            token_id=token.token_id,
+        )
         try:
             await registry.register(cp, conn, hello, token_agent_id=token.agent_id)
         except registry.Refused:

@@ -47,6 +47,7 @@ from streamspace_controlplane.routes._relay import (
 from streamspace_controlplane.routes.agents import OFFERED_TRANSPORTS, AgentSocket
 from streamspace_controlplane.routes.streams import dedicated_streams
 from streamspace_controlplane.schemas import VncTokenOut
+from streamspace_controlplane.services import tunnels as tunnel_service
 from streamspace_controlplane.services import vnc as vnc_service
 from streamspace_sdk.errors import StreamRefused
 from streamspace_sdk.transport import ByteStream
@@ -129,13 +130,13 @@ async def viewer_socket(websocket: WebSocket) -> None:
         await _refuse(websocket, ApiError(403, "forbidden", "Origin not allowed"))
         return
     try:
-        session = await vnc_service.redeem_token(
+        session, grant = await vnc_service.redeem_token(
             cp, websocket.query_params.get("token"), session_id
         )
     except ApiError as exc:
         await _refuse(websocket, exc)
         return
-    await _serve(cp, websocket, session, relayed=False)
+    await _serve(cp, websocket, session, grant.username, relayed=False)
 
 
 async def replica_socket(websocket: WebSocket) -> None:
@@ -144,15 +145,15 @@ async def replica_socket(websocket: WebSocket) -> None:
     session_id = websocket.path_params["session_id"]
     try:
         ticket = parse_bearer(websocket.headers.get("authorization"))
-        session = await vnc_service.redeem_relay_ticket(cp, ticket, session_id)
+        session, grant = await vnc_service.redeem_relay_ticket(cp, ticket, session_id)
     except ApiError as exc:
         await _refuse(websocket, exc)
         return
-    await _serve(cp, websocket, session, relayed=True)
+    await _serve(cp, websocket, session, grant.username, relayed=True)
 
 
 async def _serve(
-    cp: ControlPlane, websocket: WebSocket, session: Session, *, relayed: bool
+    cp: ControlPlane, websocket: WebSocket, session: Session, username: str, *, relayed: bool
 ) -> None:
     """Serve the viewer from this replica's agent socket, or relay it to the holder."""
     conn = cp.hub.local(session.agent_id or "")
@@ -163,7 +164,7 @@ async def _serve(
             await _refuse(websocket, ApiError(503, "unavailable", str(exc)))
             return
         if replica is not None and replica.pod != cp.hub.pod:
-            await _forward(cp, websocket, session, replica.url)
+            await _forward(cp, websocket, session, username, replica.url)
             return
     if not isinstance(conn, AgentSocket):
         await _refuse(
@@ -200,6 +201,8 @@ async def _serve(
     metrics.vnc_stream_open.observe(loop.time() - started)
     viewers = metrics.vnc_viewers.labels(session.id)
     viewers.inc()
+    live = tunnel_service.tunnels(cp)
+    tunnel = live.open(session.id, username, session.agent_id or "")
     try:
         code, reason = await relay(
             websocket,
@@ -207,17 +210,21 @@ async def _serve(
             idle_timeout_s=cp.settings.vnc_proxy_timeout,
             to_stream=metrics.vnc_bytes.labels(session.id, "to_session"),
             to_websocket=metrics.vnc_bytes.labels(session.id, "to_viewer"),
+            revoked=(tunnel.revoked, lambda: (tunnel_service.CLOSE_REVOKED, tunnel.reason)),
         )
     finally:
+        live.close(tunnel)
         viewers.dec()
         await stream.close()
     await close_websocket(websocket, code, reason)
 
 
-async def _forward(cp: ControlPlane, websocket: WebSocket, session: Session, url: str) -> None:
+async def _forward(
+    cp: ControlPlane, websocket: WebSocket, session: Session, username: str, url: str
+) -> None:
     """Relay the viewer to the replica at ``url``, which holds the session's agent."""
     try:
-        ticket = await vnc_service.issue_relay_ticket(cp, session, session.user)
+        ticket = await vnc_service.issue_relay_ticket(cp, session, username)
         stream = await dial_replica(
             url,
             RELAY_PATH.format(session_id=session.id),

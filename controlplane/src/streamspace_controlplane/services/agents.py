@@ -14,6 +14,7 @@ from streamspace_controlplane.audit import audit
 from streamspace_controlplane.core import ControlPlane
 from streamspace_controlplane.models import AgentRecord, AgentToken, utcnow
 from streamspace_controlplane.schemas import AGENT_ID_PATTERN
+from streamspace_controlplane.services import tunnels
 from streamspace_controlplane.store.base import Conflict
 from streamspace_sdk.hooks import Principal
 
@@ -102,13 +103,15 @@ async def list_tokens(cp: ControlPlane, agent_id: str | None = None) -> list[Age
 
 
 async def revoke_token(cp: ControlPlane, actor: Principal, token_id: str) -> None:
-    """Revoke a token: agents presenting it are refused from now on.
-
-    An agent already connected with it stays connected until it reconnects.
+    """Revoke a token: agents presenting it are refused from now on, and an agent
+    connected with it is disconnected, its viewers with it, on whichever replica.
 
     Raises:
         ApiError: 404 when there is no such token or it is already revoked.
     """
+    found = [t for t in await cp.store.list_agent_tokens() if t.token_id == token_id]
     if not await cp.store.revoke_agent_token(token_id, utcnow()):
         raise ApiError(404, "not_found", f"no active agent token {token_id!r}")
     await audit(cp, actor.username, "agent_token.revoke", f"agent-token/{token_id}")
+    if found:
+        await tunnels.revoke(cp, "agent-token", token_id, agent_id=found[0].agent_id)

@@ -25,6 +25,7 @@ from streamspace_controlplane.models import (
     SessionEventRecord,
     utcnow,
 )
+from streamspace_controlplane.services import tunnels
 from streamspace_controlplane.store.base import Conflict
 from streamspace_sdk.hooks import Principal
 from streamspace_sdk.platform import SessionState
@@ -291,6 +292,8 @@ async def _set_desired_state(
     if updated.state == "pending":
         cp.scheduler.kick()
     cp.reconciler.touch(updated.id)
+    if target != "running":
+        await tunnels.revoke(cp, "session", updated.id)
     return updated
 
 
@@ -337,6 +340,7 @@ async def delete_session(cp: ControlPlane, actor: Principal, session_id: str) ->
         {"generation": updated.generation, "deferred": True},
     )
     cp.reconciler.touch(updated.id)
+    await tunnels.revoke(cp, "session", updated.id)
     return updated
 
 

@@ -15,6 +15,7 @@ from streamspace_controlplane._errors import ApiError
 from streamspace_controlplane.audit import audit
 from streamspace_controlplane.core import ControlPlane
 from streamspace_controlplane.models import ACTIVE_STATES, Role, User, utcnow
+from streamspace_controlplane.services import tunnels
 from streamspace_controlplane.store.base import Conflict
 from streamspace_sdk.errors import ConfigError
 from streamspace_sdk.hooks import Principal
@@ -189,3 +190,4 @@ async def delete_user(cp: ControlPlane, actor: Principal, username: str) -> None
     if not await cp.store.delete_user(username):
         raise ApiError(404, "not_found", f"no user {username!r}")
     await audit(cp, actor.username, "user.delete", f"user/{username}")
+    await tunnels.revoke(cp, "user", username)  # e.g. an admin viewing others' sessions

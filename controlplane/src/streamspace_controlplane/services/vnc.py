@@ -38,6 +38,7 @@ __all__ = [
     "tokens",
 ]
 
+
 TOKEN_TTL_S = 60.0
 """Seconds a VNC token is valid: enough to load the viewer page and connect, no more."""
 RELAY_TTL_S = 10.0
@@ -149,8 +150,10 @@ async def issue_token(cp: ControlPlane, actor: Principal, session_id: str) -> tu
     return token, datetime.fromtimestamp(grant.expires_at, UTC)
 
 
-async def redeem_token(cp: ControlPlane, token: str | None, session_id: str) -> Session:
-    """Use up a viewer's token and return the running session it opens.
+async def redeem_token(
+    cp: ControlPlane, token: str | None, session_id: str
+) -> tuple[Session, VncGrant]:
+    """Use up a viewer's token; return the running session it opens and its grant.
 
     Raises:
         ApiError: 403 for a missing, unknown, expired, used or other-session token;
@@ -173,15 +176,17 @@ async def issue_relay_ticket(cp: ControlPlane, session: Session, username: str) 
     return ticket
 
 
-async def redeem_relay_ticket(cp: ControlPlane, ticket: str | None, session_id: str) -> Session:
-    """Use up a relay ticket; return the running session it opens. Errors as
-    :func:`redeem_token`."""
+async def redeem_relay_ticket(
+    cp: ControlPlane, ticket: str | None, session_id: str
+) -> tuple[Session, VncGrant]:
+    """Use up a relay ticket; return the running session it opens and its grant. Errors
+    as :func:`redeem_token`."""
     return await _redeem(cp, _relay_tickets(cp), ticket, session_id, "relay ticket")
 
 
 async def _redeem(
     cp: ControlPlane, kept: VncTokens, token: str | None, session_id: str, what: str
-) -> Session:
+) -> tuple[Session, VncGrant]:
     try:
         grant = await kept.redeem(token, session_id) if token else None
     except HubUnavailable as exc:
@@ -194,7 +199,7 @@ async def _redeem(
     if session is None:
         raise ApiError(404, "not_found", f"session {session_id} not found")
     _check_running(session)
-    return session
+    return session, grant
 
 
 def _check_running(session: Session) -> None:

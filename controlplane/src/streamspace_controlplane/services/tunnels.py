@@ -1,0 +1,121 @@
+"""Live viewer tunnels, and revoking them with what allowed them.
+
+:func:`revoke` ends, on every replica, the viewers of a session asked to stop or
+hibernate, of a deleted user, and of an agent whose token is revoked (whose socket closes
+too). Every viewer's bytes pass through the replica holding its agent, so closing there
+ends a relayed viewer as well; the others are told through the hub.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+from streamspace_controlplane.core import ControlPlane
+
+__all__ = ["CLOSE_REVOKED", "Tunnel", "Tunnels", "apply_revocation", "revoke", "tunnels"]
+
+logger = logging.getLogger("streamspace.controlplane.vnc")
+
+CLOSE_REVOKED = 4403
+"""Close code of a viewer (and of an agent socket) whose grant was revoked."""
+
+RevokedBy = Literal["session", "user", "agent-token"]
+
+_TUNNELS = "vnc.tunnels"
+
+
+@dataclass(eq=False)
+class Tunnel:
+    """One viewer served by this replica; :attr:`revoked` is set to end it."""
+
+    session_id: str
+    username: str
+    agent_id: str
+    revoked: asyncio.Event = field(default_factory=asyncio.Event)
+    reason: str = ""
+
+
+class Tunnels:
+    """The viewer tunnels this replica serves, so that a revocation can end them."""
+
+    def __init__(self) -> None:
+        self._open: set[Tunnel] = set()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def open(self, session_id: str, username: str, agent_id: str) -> Tunnel:
+        """Register a viewer's tunnel; :meth:`close` it when it ends."""
+        tunnel = Tunnel(session_id, username, agent_id)
+        self._open.add(tunnel)
+        return tunnel
+
+    def close(self, tunnel: Tunnel) -> None:
+        """Forget a tunnel that ended."""
+        self._open.discard(tunnel)
+
+    def revoke(self, by: RevokedBy, value: str, reason: str) -> int:
+        """End the tunnels of a session, a user or an agent; return how many."""
+        key = {"session": "session_id", "user": "username", "agent-token": "agent_id"}[by]
+        ended = 0
+        for tunnel in list(self._open):
+            if getattr(tunnel, key) == value and not tunnel.revoked.is_set():
+                tunnel.reason = reason
+                tunnel.revoked.set()
+                ended += 1
+        return ended
+
+
+def tunnels(cp: ControlPlane) -> Tunnels:
+    """Return the process's live viewer tunnels (made on first use)."""
+    found = cp.extras.get(_TUNNELS)
+    if not isinstance(found, Tunnels):
+        found = cp.extras[_TUNNELS] = Tunnels()
+    return found
+
+
+async def revoke(cp: ControlPlane, by: RevokedBy, value: str, *, agent_id: str = "") -> None:
+    """End, on every replica, the live access that ``by`` = ``value`` granted.
+
+    ``session``: its viewers (it is asked to stop or hibernate); ``user``: the user's
+    viewers; ``agent-token``: the agent socket authenticated by that token id and the
+    viewers of ``agent_id``, its agent.
+    """
+    arg = json.dumps({"by": by, "value": value, "agent_id": agent_id})
+    apply_revocation(cp, arg)
+    cp.hub.notify_all("revoke", arg)
+
+
+def apply_revocation(cp: ControlPlane, arg: str) -> None:
+    """Act on a revocation here (made by :func:`revoke` on this or another replica)."""
+    try:
+        message = json.loads(arg)
+        by, value, agent_id = message["by"], str(message["value"]), str(message["agent_id"])
+    except (ValueError, TypeError, KeyError):
+        logger.warning("Ignored a malformed revocation: %.200r", arg)
+        return
+    if by == "agent-token":
+        reason = "the agent's token was revoked"
+        conn = cp.hub.local(agent_id)
+        if conn is not None and conn.token_id == value:
+            tunnels(cp).revoke("agent-token", agent_id, reason)
+            logger.info("Closing agent %s's connection: its token was revoked", agent_id)
+            task = asyncio.get_running_loop().create_task(conn.close(CLOSE_REVOKED, reason))
+            _pending.add(task)
+            task.add_done_callback(_pending.discard)
+        return
+    if by not in ("session", "user"):
+        logger.warning("Ignored a revocation of unknown kind: %.200r", arg)
+        return
+    reason = "the session is stopping" if by == "session" else "the user was deleted"
+    ended = tunnels(cp).revoke(by, value, reason)
+    if ended:
+        logger.info("Closed %d VNC viewer(s) of %s %s: %s", ended, by, value, reason)
+
+
+_pending: set[asyncio.Task[None]] = set()
+"""Agent sockets being closed after a revocation (kept so the tasks are not collected)."""
