@@ -6,16 +6,24 @@ already cover part of it (those are not repeated here).
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import re
 import secrets
 import struct
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 import uvicorn
-from apikit import isolate
+from agentsim import WAIT_S, AgentSim, Harness, fast_settings, serve_control_plane
+from apikit import bearer, isolate
+from starlette.routing import WebSocketRoute
 from test_vnc import (
     AGENT_ID,
     RFB_VERSION,
@@ -26,11 +34,23 @@ from test_vnc import (
     framebuffer,
     rfb_handshake,
 )
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.typing import Origin
 
-from streamspace_controlplane import _redact
+from streamspace_controlplane import _redact, auth
+from streamspace_controlplane.app import create_app
+from streamspace_controlplane.core import ControlPlane
+from streamspace_controlplane.hub.base import Tickets
+from streamspace_controlplane.hub.memory import MemoryHub
+from streamspace_controlplane.models import Session, User, utcnow
+from streamspace_controlplane.services import users as user_service
+from streamspace_controlplane.services import vnc as vnc_service
+from streamspace_controlplane.services.vnc import VncTokens
 from streamspace_controlplane.store.base import Store
 from streamspace_sdk import AgentSettings
-from streamspace_sdk.protocol import VncOpen
+from streamspace_sdk.hooks import Principal
+from streamspace_sdk.protocol import AGENT_PATHS, VncClose, VncOpen
 
 FRAGMENT = 12
 """Characters of a secret that count as leaked when found anywhere: 12 random base64url
@@ -170,3 +190,314 @@ async def test_tokens_and_what_the_user_types_never_reach_the_logs(
         if any(leaks(s, line) for s in kept.values()) or leaks(hex_dump, line, 23)
     ]
     assert not lines, "\n".join(lines[:20])
+
+
+# -- WebSocket upgrades ----------------------------------------------------------------
+
+
+ALICE = Principal(username="alice", role="user")
+
+
+@dataclass
+class Stack:
+    """A served control plane, agent ``agent-a`` (simulated, ``ws-mux``) with two running
+    sessions of alice, and the credentials of each kind."""
+
+    harness: Harness
+    sim: AgentSim
+    session: Session
+    other: Session
+
+    @property
+    def cp(self) -> ControlPlane:
+        return self.harness.cp
+
+    def url(self, path: str) -> str:
+        return self.harness.url + path
+
+    async def vnc_token(self, session: Session | None = None, user: Principal = ALICE) -> str:
+        token, _ = await vnc_service.issue_token(self.cp, user, (session or self.session).id)
+        return token
+
+    async def relay_ticket(self, session: Session | None = None) -> str:
+        return await vnc_service.issue_relay_ticket(self.cp, session or self.session, "alice")
+
+    def opens(self, sim: AgentSim | None = None) -> list[VncOpen]:
+        """The ``vnc.open`` frames ``sim`` (agent A by default) was sent."""
+        return [f for f in (sim or self.sim).frames if isinstance(f, VncOpen)]
+
+    async def answer_open(self, seen: int) -> VncOpen:
+        """Wait for the ``vnc.open`` after the first ``seen``; refuse it, so the viewer's
+        socket closes at once instead of waiting for the stream."""
+        await self.sim.wait_for(lambda: len(self.opens()) > seen)
+        request = self.opens()[seen]
+        await self.sim.send(VncClose(stream_id=request.stream_id, reason="the test is done"))
+        return request
+
+
+@pytest_asyncio.fixture
+async def stack(sqlite_store: Store, tmp_path: Path) -> AsyncIterator[Stack]:
+    settings = fast_settings(tmp_path / "home", allowed_origins=["https://console.example.com"])
+    async with serve_control_plane(settings, sqlite_store) as harness:
+        store = harness.cp.store
+        for name in ("alice", "bob"):
+            await store.create_user(User(username=name, role="user", created_at=utcnow()), "x")
+        sim = await harness.agent("agent-a")
+        await harness.template()
+        first, second = await harness.session(), await harness.session()
+        yield Stack(
+            harness,
+            sim,
+            await harness.wait_state(first.id, "running"),
+            await harness.wait_state(second.id, "running"),
+        )
+
+
+async def refusal(
+    url: str, headers: dict[str, str] | None = None, origin: str | None = None
+) -> tuple[int, str]:
+    """Open ``url`` expecting an HTTP refusal of the upgrade; return its status and error
+    code. A socket that is accepted (101), even if closed right after, fails the test."""
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(
+            url,
+            additional_headers=headers or {},
+            origin=Origin(origin) if origin else None,
+            open_timeout=WAIT_S,
+            compression=None,
+        ):
+            pass
+    response = refused.value.response
+    body = json.loads(response.body or b"{}")
+    return response.status_code, str(body.get("error", {}).get("code"))
+
+
+@pytest.mark.asyncio
+async def test_every_websocket_route_refuses_an_unauthenticated_upgrade_before_it_opens(
+    stack: Stack,
+) -> None:
+    """Authentication bypass and pre-authentication exposure on WebSocket upgrades
+    (sockets accepted first and checked later, or checked with the wrong credential).
+
+    Every WebSocket route of the app is tried with no credential, garbage, and each other
+    kind of credential the system issues (a user's JWT, an agent token, a VNC token, a
+    relay ticket, a token in the wrong place). Each must be refused with an HTTP status
+    in the handshake (never a 101 followed by a close), and no ``vnc.open`` may reach the
+    agent. Then the right credential opens each VNC route, and the agent does hear of it,
+    so the check can fail. (Missing, wrong and revoked agent tokens on
+    ``/api/v1/agents/connect``, and bad or used viewer tokens, are in
+    ``test_agents_ws.py`` and ``test_vnc.py``.)
+    """
+    cp, sid = stack.cp, stack.session.id
+    agent_token = await stack.harness.token("agent-a")
+    jwt, _ = auth.issue_token(cp.jwt_secret, "admin", "admin", 600)
+    vnc_token = await stack.vnc_token()
+    ticket = await stack.relay_ticket()
+    other_ticket = await stack.relay_ticket(stack.other)
+    vnc = f"/vnc/{sid}"
+    relay = f"/internal/v1/vnc/{sid}"
+    stream = "/api/v1/agents/vnc/"
+    cases: list[tuple[str, dict[str, str], int]] = []
+    for path in AGENT_PATHS:
+        cases += [
+            (path, {}, 401),
+            (path, bearer("garbage"), 401),
+            (path, {"Authorization": "Basic YWdlbnQtYTpzZWNyZXQ="}, 401),
+            (path, bearer(jwt), 401),
+            (path, bearer(vnc_token), 401),
+            (path, bearer(ticket), 401),
+            (f"{path}?token={agent_token}", {}, 401),  # never from the URL
+        ]
+    cases += [
+        (vnc, {}, 403),
+        (f"{vnc}?token=", {}, 403),
+        (f"{vnc}?token={agent_token}", {}, 403),
+        (f"{vnc}?token={jwt}", {}, 403),
+        (f"{vnc}?token={ticket}", {}, 403),  # a relay ticket is not a viewer's token
+        (vnc, bearer(jwt), 403),
+        (relay, {}, 401),
+        (relay, bearer("garbage"), 403),
+        (relay, bearer(vnc_token), 403),  # a viewer's token is not a relay ticket
+        (relay, bearer(jwt), 403),
+        (relay, bearer(agent_token), 403),
+        (relay, bearer(other_ticket), 403),  # bound to the other session
+        (f"{relay}?token={ticket}", {}, 401),
+        (stream + "made-up", {}, 403),
+        (stream + "made-up", bearer(agent_token), 403),  # an agent's own credential
+        (stream + vnc_token, {}, 403),
+        (stream + ticket, {}, 403),
+        (stream + agent_token, bearer(agent_token), 403),
+    ]
+    app = create_app(cp)
+    routes = {r.path for r in app.routes if isinstance(r, WebSocketRoute)}
+    tried = {path.partition("?")[0] for path, _, _ in cases}
+    covered = {r for r in routes if any(re.fullmatch(_pattern(r), p) for p in tried)}
+    assert covered == routes, f"untested WebSocket routes: {routes - covered}"
+
+    for path, headers, status in cases:
+        got = await refusal(stack.url(path), headers)
+        assert got[0] == status, (path, headers, got)
+        assert got[1] in {"unauthorized", "forbidden"}, (path, got)
+    assert stack.opens() == []
+    assert [a.agent_id for a in await cp.store.list_agents()] == ["agent-a"]
+
+    # The right credentials open both VNC routes, and the agent hears of each.
+    async with connect(stack.url(f"{vnc}?token={await stack.vnc_token()}")) as ws:
+        assert (await stack.answer_open(0)).session_id == sid
+        with pytest.raises(ConnectionClosed):
+            await ws.recv()
+    async with connect(stack.url(relay), additional_headers=bearer(ticket)) as ws:
+        assert (await stack.answer_open(1)).session_id == sid
+        with pytest.raises(ConnectionClosed):
+            await ws.recv()
+
+
+def _pattern(route_path: str) -> str:
+    return re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(route_path))
+
+
+@pytest.mark.asyncio
+async def test_browser_sockets_refuse_foreign_and_null_origins(stack: Stack) -> None:
+    """Cross-site WebSocket hijacking (CSWSH).
+
+    A page on another site can open a WebSocket to the control plane from the victim's
+    browser; ``/vnc/{id}`` must refuse it by ``Origin`` before the token is even looked
+    at. Refused: a foreign site, ``null`` (sandboxed frames, ``file:``, some redirects),
+    look-alike hosts (a suffix, a user-info trick, another port or name of the same
+    machine, the allowed origin over plain HTTP). Accepted: this host and each of
+    ``ALLOWED_ORIGINS`` (any case, a trailing slash), and no ``Origin`` at all (not a
+    browser). A refusal leaves the token usable and the agent unaware. (A foreign site
+    and this host are also in ``test_vnc.py``.)
+    """
+    host = stack.harness.url.removeprefix("ws://")
+    port = host.rpartition(":")[2]
+    token = await stack.vnc_token()
+    url = stack.url(f"/vnc/{stack.session.id}?token={token}")
+    for origin in (
+        "https://evil.example",
+        "null",
+        f"http://{host}.evil.example",
+        f"http://{host}@evil.example",
+        f"http://evil.example:{port}",
+        f"http://localhost:{port}",
+        "http://127.0.0.1",
+        "http://console.example.com",
+        "https://console.example.com.evil.example",
+        "https://evil.example/https://console.example.com",
+    ):
+        assert await refusal(url, origin=origin) == (403, "forbidden"), origin
+    assert stack.opens() == []
+
+    accepted = [f"http://{host}", "https://console.example.com", "HTTPS://Console.Example.COM/"]
+    for seen, origin in enumerate([*accepted, None]):
+        token = token if seen == 0 else await stack.vnc_token()  # the refused one still works
+        async with connect(
+            stack.url(f"/vnc/{stack.session.id}?token={token}"),
+            origin=Origin(origin) if origin else None,
+        ) as ws:
+            await stack.answer_open(seen)
+            with pytest.raises(ConnectionClosed):
+                await ws.recv()
+
+
+# -- VNC tokens --------------------------------------------------------------------------
+
+
+async def attempt(stack: Stack, path: str, seen: int = 0) -> int:
+    """Open a viewer at ``path``; return 101 if it was accepted (its ``vnc.open``, the
+    ``seen``-th, is answered with a close), else the HTTP status of the refusal."""
+    try:
+        async with connect(stack.url(path), open_timeout=WAIT_S) as ws:
+            await stack.answer_open(seen)
+            with pytest.raises(ConnectionClosed):
+                await ws.recv()
+            return 101
+    except InvalidStatus as exc:
+        return exc.response.status_code
+
+
+@pytest.mark.asyncio
+async def test_a_vnc_token_opens_one_socket_even_when_raced(stack: Stack) -> None:
+    """Race condition (TOCTOU) in single-use token redemption.
+
+    Eight viewers present one token at the same moment: exactly one socket opens and the
+    agent is asked for exactly one stream. (Sequential reuse is in ``test_vnc.py``; across
+    replicas, in ``test_replicas.py``.)
+    """
+    path = f"/vnc/{stack.session.id}?token={await stack.vnc_token()}"
+    statuses = await asyncio.gather(*(attempt(stack, path) for _ in range(8)))
+    assert sorted(statuses) == [101] + [403] * 7
+    assert len(stack.opens()) == 1
+
+
+@pytest.mark.asyncio
+async def test_a_vnc_token_lives_60_seconds_in_the_grant_and_in_the_hub(stack: Stack) -> None:
+    """Replay of a captured token (a link in a browser history, a proxy's log): the
+    window is 60 s, enforced twice over.
+
+    A token is accepted just before its 60 s are up and refused once they are: by the
+    grant's own expiry even if the hub still holds it, and by the hub's TTL even if the
+    clock of the grant says it is fresh. The expiry the API reports is the same 60 s.
+    (A token 61 s old is refused in ``test_vnc.py``.)
+    """
+    wall = [time.time()]
+    mono = [time.monotonic()]
+    hub = stack.cp.hub
+    assert isinstance(hub, MemoryHub)
+    hub.tickets = Tickets(clock=lambda: mono[0])
+    stack.cp.extras["vnc.tokens"] = VncTokens(hub, clock=lambda: wall[0])
+    path = f"/vnc/{stack.session.id}?token="
+
+    token, expires_at = await vnc_service.issue_token(stack.cp, ALICE, stack.session.id)
+    assert expires_at.timestamp() == pytest.approx(wall[0] + vnc_service.TOKEN_TTL_S)
+    assert vnc_service.TOKEN_TTL_S == 60
+    wall[0] += 59.9
+    mono[0] += 59.9
+    assert await attempt(stack, path + token) == 101
+
+    grant_expired = await stack.vnc_token()
+    wall[0] += 60  # the hub's clock has not moved
+    assert await attempt(stack, path + grant_expired) == 403
+
+    hub_expired = await stack.vnc_token()
+    mono[0] += 60  # the grant's clock has not moved
+    assert await attempt(stack, path + hub_expired) == 403
+    assert len(stack.opens()) == 1
+
+
+@pytest.mark.asyncio
+async def test_a_vnc_token_is_bound_to_its_session_and_its_user(stack: Stack) -> None:
+    """Insecure direct object reference through a viewer token: a token for one session
+    opening another.
+
+    Alice's token for her second session does not open her first (the binding is to the
+    session, not only to the user), and is used up by the attempt. (Bob's token on
+    alice's session, and bob being refused a token for it, are in ``test_vnc.py``.)
+    """
+    first = f"/vnc/{stack.session.id}?token="
+    second = f"/vnc/{stack.other.id}?token="
+    token = await stack.vnc_token(stack.other)
+    assert await attempt(stack, first + token) == 403
+    assert await attempt(stack, second + token) == 403  # used up
+    assert stack.opens() == []
+    assert await attempt(stack, second + await stack.vnc_token(stack.other)) == 101
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="services/vnc.py _redeem checks the grant's session, never its user: a token "
+    "issued to a user deleted before using it still opens the desktop (for 60 s)",
+)
+@pytest.mark.asyncio
+async def test_a_vnc_token_dies_with_its_user(stack: Stack) -> None:
+    """Broken access control after deprovisioning: a credential outliving its user.
+
+    An admin (who may view every session) takes a token for alice's session and is
+    deleted before presenting it; the token must open nothing.
+    """
+    carol = Principal(username="carol", role="admin")
+    await stack.cp.store.create_user(User(username="carol", role="admin", created_at=utcnow()), "x")
+    token = await stack.vnc_token(user=carol)  # admins may view every session
+    await user_service.delete_user(stack.cp, Principal(username="admin", role="admin"), "carol")
+    assert await attempt(stack, f"/vnc/{stack.session.id}?token={token}") == 403
+    assert stack.opens() == []
