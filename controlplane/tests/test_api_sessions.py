@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 from typing import Any
@@ -408,3 +409,50 @@ async def test_delete_a_running_session_stops_then_forgets(store: Store, tmp_pat
         assert again.json()["generation"] == 2
         run = await api.client.patch(url, json={"state": "running"}, headers=bob)
         assert "being deleted" in assert_error(run, 409)["message"]
+
+
+@pytest.mark.asyncio
+async def test_a_burst_past_max_concurrent_starts_gets_429_with_retry_after(
+    store: Store, tmp_path: Path
+) -> None:
+    async with apikit.running(
+        store, tmp_path, max_sessions_per_user=100, max_concurrent_starts=5
+    ) as api:
+        await api.template()
+        bob = await api.user("bob")
+
+        async def create() -> Any:
+            return await api.client.post(
+                "/api/v1/sessions", json={"template": "firefox"}, headers=bob
+            )
+
+        burst = await asyncio.gather(*(create() for _ in range(20)))
+        statuses = [r.status_code for r in burst]
+        # Concurrent requests count each other: never more than 5, and no errors. (A row
+        # committed just before its request leaves the count may be counted twice, so a
+        # burst may get fewer, never more.)
+        assert set(statuses) == {201, 429}
+        assert 1 <= statuses.count(201) <= 5
+        refused = next(r for r in burst if r.status_code == 429)
+        message = assert_error(refused, 429, "too_many_starts")["message"]
+        assert "at most 5 may start at once (MAX_CONCURRENT_STARTS)" in message
+        assert refused.headers["Retry-After"] == "2"
+        # One at a time the count is exact: the slots fill up to 5, and a session that
+        # runs frees its slot.
+        while (await create()).status_code == 201:
+            pass
+        starting = (await api.client.get("/api/v1/sessions", headers=bob)).json()["items"]
+        assert len(starting) == 5
+        await _place(api, starting[0]["id"], "running")
+        assert (await create()).status_code == 201
+        assert (await create()).status_code == 429
+
+
+@pytest.mark.asyncio
+async def test_max_concurrent_starts_zero_means_no_limit(store: Store, tmp_path: Path) -> None:
+    async with apikit.running(
+        store, tmp_path, max_sessions_per_user=100, max_concurrent_starts=0
+    ) as api:
+        await api.template()
+        for _ in range(12):
+            await api.session(api.admin)

@@ -90,6 +90,9 @@ class ControlPlaneSettings(StreamSpaceSettings):
     """YAML file of templates loaded (created or updated) at start."""
     max_sessions_per_user: int = Field(default=5, ge=0)
     """Sessions a user may hold that are not stopped; more is answered with 429."""
+    max_concurrent_starts: int = Field(default=100, ge=0)
+    """Sessions being started at once (pending, scheduled or starting); a creation past it
+    is answered with 429 and ``Retry-After``. 0: no limit."""
 
     command_ack_timeout: Annotated[Duration, Field(gt=0)] = 10.0
     """A sent command not acknowledged in this time is sent again (with backoff)."""

@@ -391,7 +391,8 @@ OPERATIONS: list[Operation] = [
         errors=(429,),
         tag="sessions",
         description="The owner is the caller; an admin may name another `user`. "
-        "Over MAX_SESSIONS_PER_USER sessions that are not stopped: 429.",
+        "Over MAX_SESSIONS_PER_USER sessions that are not stopped: 429. Over "
+        "MAX_CONCURRENT_STARTS sessions being started: 429 with Retry-After.",
     ),
     Operation(
         "GET",

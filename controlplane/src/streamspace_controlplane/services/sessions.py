@@ -81,6 +81,46 @@ async def _check_quota(cp: ControlPlane, actor: Principal, owner: str) -> None:
         )
 
 
+_STARTING_STATES = ("pending", "scheduled", "starting")
+_IN_FLIGHT = "sessions.starts_in_flight"
+RETRY_AFTER_S = 2
+"""What a creation refused for ``MAX_CONCURRENT_STARTS`` is told to wait: a start takes
+about that long, so a slot is likely free by then."""
+
+
+class _StartSlot:
+    """Counts a creation in progress here from its check to its insert, so that a burst
+    of concurrent requests on one replica sees itself in the count."""
+
+    def __init__(self, cp: ControlPlane) -> None:
+        self._cp = cp
+
+    async def __aenter__(self) -> None:
+        cp = self._cp
+        limit = cp.settings.max_concurrent_starts
+        in_flight = int(cp.extras.get(_IN_FLIGHT, 0))
+        cp.extras[_IN_FLIGHT] = in_flight + 1
+        if not limit:
+            return
+        try:
+            starting = await cp.store.count_sessions(states=_STARTING_STATES) + in_flight
+        except BaseException:
+            cp.extras[_IN_FLIGHT] = int(cp.extras[_IN_FLIGHT]) - 1
+            raise
+        if starting >= limit:
+            cp.extras[_IN_FLIGHT] = int(cp.extras[_IN_FLIGHT]) - 1
+            raise ApiError(
+                429,
+                "too_many_starts",
+                f"{starting} sessions are starting and at most {limit} may start at once "
+                f"(MAX_CONCURRENT_STARTS); retry in {RETRY_AFTER_S}s",
+                {"Retry-After": str(RETRY_AFTER_S)},
+            )
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._cp.extras[_IN_FLIGHT] = int(self._cp.extras[_IN_FLIGHT]) - 1
+
+
 def new_session_id() -> str:
     """Return a new session id: ``s-`` and 16 hex digits (64 random bits)."""
     return "s-" + secrets.token_hex(8)
@@ -128,7 +168,8 @@ async def create_session(
     Raises:
         ApiError: 403 when a user names another owner; 422 for an unknown template or
             owner; 429 when the owner already holds ``MAX_SESSIONS_PER_USER`` sessions
-            that are not stopped.
+            that are not stopped, or (with ``Retry-After``) when ``MAX_CONCURRENT_STARTS``
+            sessions are being started.
     """
     owner = user or actor.username
     if owner != actor.username:
@@ -139,7 +180,7 @@ async def create_session(
     snapshot = await cp.store.get_template(template)
     if snapshot is None:
         raise ApiError(422, "validation_error", f"no template {template!r}")
-    async with _quota_lock(cp, owner):
+    async with _StartSlot(cp), _quota_lock(cp, owner):
         await _check_quota(cp, actor, owner)
         created: Session | None = None
         for _ in range(3):  # an id collision is astronomically rare; retry anyway
