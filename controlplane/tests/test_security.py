@@ -44,13 +44,25 @@ from streamspace_controlplane.core import ControlPlane
 from streamspace_controlplane.hub.base import Tickets
 from streamspace_controlplane.hub.memory import MemoryHub
 from streamspace_controlplane.models import Session, User, utcnow
+from streamspace_controlplane.services import sessions as session_service
 from streamspace_controlplane.services import users as user_service
 from streamspace_controlplane.services import vnc as vnc_service
 from streamspace_controlplane.services.vnc import VncTokens
 from streamspace_controlplane.store.base import Store
 from streamspace_sdk import AgentSettings
 from streamspace_sdk.hooks import Principal
-from streamspace_sdk.protocol import AGENT_PATHS, VncClose, VncOpen
+from streamspace_sdk.platform import SessionStatus
+from streamspace_sdk.protocol import (
+    AGENT_PATHS,
+    DEDICATED_STREAM_PATH,
+    CommandAck,
+    CommandResult,
+    SessionStatusReport,
+    VncClose,
+    VncOpen,
+    VncOpened,
+    encode_data,
+)
 
 FRAGMENT = 12
 """Characters of a secret that count as leaked when found anywhere: 12 random base64url
@@ -501,3 +513,121 @@ async def test_a_vnc_token_dies_with_its_user(stack: Stack) -> None:
     await user_service.delete_user(stack.cp, Principal(username="admin", role="admin"), "carol")
     assert await attempt(stack, f"/vnc/{stack.session.id}?token={token}") == 403
     assert stack.opens() == []
+
+
+# -- one agent against another -----------------------------------------------------------
+
+
+async def handled(sim: AgentSim) -> None:
+    """Wait until the control plane has handled every frame ``sim`` sent so far: frames
+    of one socket are handled in order, so the answer to a bogus ack shows it."""
+    seen = len(sim.errors)
+    await sim.send(CommandAck(command_id=f"c-sync-{seen}"))
+    assert (await sim.next_error(seen)).code == "unknown_command"
+
+
+@pytest.mark.asyncio
+async def test_an_agent_can_never_serve_read_or_stop_another_agents_sessions(
+    stack: Stack,
+) -> None:
+    """Insecure direct object reference between agents (a compromised or buggy agent
+    acting on ids that belong to another).
+
+    Agent B, with a valid token of its own, acknowledges and answers agent A's pending
+    stop command, reports A's sessions stopped or failed (as frames and in its hello),
+    answers and closes A's VNC streams on either transport, and feeds bytes into them.
+    Each is refused or ignored: A's command stays pending, A's sessions keep their
+    state and agent, A's viewers see only A's bytes, and A can still finish its command.
+    (B registering under A's id is refused in ``test_agents_ws.py``.)
+    """
+    cp, a, sid = stack.cp, stack.sim, stack.session.id
+    b = await stack.harness.agent("agent-b")
+    a.auto_execute = False
+    await session_service.set_desired_state(cp, ALICE, sid, "stopped")
+    stop = await a.command_for(sid, "stop")
+    before = await cp.store.get_session(sid)
+    other_before = await cp.store.get_session(stack.other.id)
+    assert before is not None
+    assert other_before is not None
+
+    await b.send(CommandAck(command_id=stop.command_id))
+    assert (await b.next_error(0)).code == "unknown_command"
+    stopped = SessionStatus(session_id=sid, generation=stop.generation, state="stopped")
+    result = CommandResult(
+        command_id=stop.command_id,
+        session_id=sid,
+        generation=stop.generation,
+        ok=True,
+        status=stopped,
+    )
+    await b.send(result)
+    assert (await b.next_error(1)).code == "unknown_command"
+    for state in ("stopped", "failed"):
+        for session in (before, other_before):
+            report = SessionStatus(
+                session_id=session.id, generation=session.generation, state=state
+            )
+            await b.send(SessionStatusReport(status=report))
+    await handled(b)
+    b_states = [
+        SessionStatus(session_id=s.id, generation=s.generation, state="stopped")
+        for s in (before, other_before)
+    ]
+    again = await stack.harness.agent("agent-b", connect=False)
+    await again.connect(sessions=b_states)
+    await handled(again)
+
+    row = await cp.store.get_command(stop.command_id)
+    assert row is not None
+    assert (row.agent_id, row.acked_at, row.result) == ("agent-a", None, None)
+    assert row.status not in ("completed", "failed")
+    for session in (before, other_before):
+        now = await cp.store.get_session(session.id)
+        assert now is not None
+        assert (now.state, now.agent_id, now.generation) == (
+            session.state,
+            "agent-a",
+            session.generation,
+        )
+    audit = await cp.store.list_audit(limit=100)
+    assert {(r.actor, r.action) for r in audit} >= {("agent:agent-b", "session.unknown")}
+
+    # B answers a viewer's stream on A (ws-mux), feeds it and closes it: nothing happens.
+    token = await stack.vnc_token(stack.other)
+    async with connect(stack.url(f"/vnc/{stack.other.id}?token={token}")) as ws:
+        await a.wait_for(lambda: len(stack.opens()) == 1)
+        (request,) = stack.opens()
+        assert stack.opens(again) == []
+        await again.send(VncOpened(stream_id=request.stream_id))
+        await again.send(encode_data(request.stream_id, b"from-b"))
+        await again.send(VncClose(stream_id=request.stream_id, reason="hijacked"))
+        await handled(again)
+        await a.send(VncOpened(stream_id=request.stream_id))
+        await a.send(encode_data(request.stream_id, b"from-a"))
+        assert await asyncio.wait_for(ws.recv(), WAIT_S) == b"from-a"
+        await a.send(VncClose(stream_id=request.stream_id, reason="done"))
+        with pytest.raises(ConnectionClosed):
+            await ws.recv()
+
+    # The same on ws-dedicated: B's close of A's pending stream does not end it.
+    d = await stack.harness.agent("agent-d", connect=False, labels={"pool": "d"})
+    await d.connect(transports=["ws-dedicated"])
+    placed = await stack.harness.session(labels={"pool": "d"})
+    await stack.harness.wait_state(placed.id, "running")
+    token = await stack.vnc_token(placed)
+    async with connect(stack.url(f"/vnc/{placed.id}?token={token}")) as ws:
+        await d.wait_for(lambda: bool(stack.opens(d)))
+        (request,) = stack.opens(d)
+        assert request.stream_token
+        await again.send(VncClose(stream_id=request.stream_id, reason="hijacked"))
+        await handled(again)
+        dial = stack.url(DEDICATED_STREAM_PATH.format(stream_token=request.stream_token))
+        async with connect(dial) as stream:
+            await stream.send(b"from-d")
+            assert await asyncio.wait_for(ws.recv(), WAIT_S) == b"from-d"
+    assert stack.opens(again) == []
+
+    # A, whose command it is, finishes it.
+    await a.ack(stop)
+    await a.send(await a.execute(stop))
+    assert (await stack.harness.wait_state(sid, "stopped")).agent_id == "agent-a"
