@@ -7,22 +7,25 @@ already cover part of it (those are not repeated here).
 from __future__ import annotations
 
 import asyncio
+import base64
+import hmac
 import json
 import logging
 import re
 import secrets
 import struct
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import apikit
 import pytest
 import pytest_asyncio
 import uvicorn
 from agentsim import WAIT_S, AgentSim, Harness, fast_settings, serve_control_plane
-from apikit import bearer, isolate
+from apikit import ADMIN, bearer, isolate
 from starlette.routing import WebSocketRoute
 from test_vnc import (
     AGENT_ID,
@@ -631,3 +634,139 @@ async def test_an_agent_can_never_serve_read_or_stop_another_agents_sessions(
     await a.ack(stop)
     await a.send(await a.execute(stop))
     assert (await stack.harness.wait_state(sid, "stopped")).agent_id == "agent-a"
+
+
+# -- user tokens (JWT) -------------------------------------------------------------------
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _segment(value: dict[str, Any]) -> str:
+    return _b64(json.dumps(value).encode())
+
+
+def _jwt(header: dict[str, Any], claims: dict[str, Any], key: bytes, digest: str = "sha256") -> str:
+    """A compact JWS signed by hand with HMAC-``digest`` under ``key``, whatever the
+    header says (pyjwt would refuse to write most of these)."""
+    signing_input = f"{_segment(header)}.{_segment(claims)}"
+    signature = hmac.new(key, signing_input.encode(), digest).digest()
+    return f"{signing_input}.{_b64(signature)}"
+
+
+def _admin_claims(**changes: Any) -> dict[str, Any]:
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": ADMIN, "role": "admin", "kind": "api", "iat": now}
+    claims["exp"] = now + 600
+    claims.update(changes)
+    return claims
+
+
+_KEY = apikit.SECRET.encode()
+_HS256 = {"alg": "HS256", "typ": "JWT"}
+_ATTACKER = b"attacker-key-attacker-key-attacker-key!!"
+
+FORGED: dict[str, Callable[[], str]] = {
+    "alg None": lambda: f"{_segment({'alg': 'None'})}.{_segment(_admin_claims())}.",
+    "alg NONE": lambda: f"{_segment({'alg': 'NONE'})}.{_segment(_admin_claims())}.",
+    "alg none, signature kept": lambda: _jwt({"alg": "none"}, _admin_claims(), _KEY),
+    "HS256, signature stripped": lambda: (
+        _jwt(_HS256, _admin_claims(), _KEY).rsplit(".", 1)[0] + "."
+    ),
+    "alg hs256 (lower case)": lambda: _jwt({"alg": "hs256"}, _admin_claims(), _KEY),
+    "HS384 under our key": lambda: _jwt({"alg": "HS384"}, _admin_claims(), _KEY, "sha384"),
+    "RS256 header, HMAC under our key": lambda: _jwt({"alg": "RS256"}, _admin_claims(), _KEY),
+    "ES256 header, HMAC under our key": lambda: _jwt({"alg": "ES256"}, _admin_claims(), _KEY),
+    "embedded jwk (the attacker's key)": lambda: _jwt(
+        {**_HS256, "jwk": {"kty": "oct", "k": _b64(_ATTACKER)}}, _admin_claims(), _ATTACKER
+    ),
+    "kid pointing at an empty file": lambda: _jwt(
+        {**_HS256, "kid": "../../../../../../dev/null"}, _admin_claims(), b""
+    ),
+    "jku of the attacker": lambda: _jwt(
+        {**_HS256, "jku": "https://evil.example/jwks.json"}, _admin_claims(), _ATTACKER
+    ),
+    "audience of another service": lambda: _jwt(_HS256, _admin_claims(aud="billing"), _KEY),
+    "not valid yet (nbf)": lambda: _jwt(_HS256, _admin_claims(nbf=int(time.time()) + 600), _KEY),
+    "sub not a string": lambda: _jwt(_HS256, _admin_claims(sub=["admin"]), _KEY),
+    "JSON serialisation": lambda: json.dumps(
+        {"payload": _segment(_admin_claims()), "protected": _segment(_HS256), "signature": ""}
+    ),
+}
+
+
+@pytest.mark.asyncio
+async def test_forged_jwts_are_refused_with_401(sqlite_store: Store, tmp_path: Path) -> None:
+    """JWT algorithm confusion, ``alg: none`` and header-injection forgeries.
+
+    Tokens an attacker can make without the key, or from a key the header points at,
+    are refused with 401 on an admin route and a user route: ``none`` in any case or
+    with a signature, a stripped signature, other or lower-case algorithms, RS/ES
+    headers over an HMAC of the server's key, an embedded ``jwk``, a ``kid`` or ``jku``
+    naming the attacker's key, and the JSON serialisation; and, under the server's own
+    key (a sibling service sharing it), another service's audience, ``nbf`` in the
+    future and a ``sub`` that is not a name. The code sets no ``iss`` or ``aud``
+    (so only a foreign ``aud`` can be tried). The same hand signing with the right
+    header and key is accepted, so the refusals are the server's. (``alg: none``,
+    HS512, an RS256 header, expiry, another key and missing claims are in
+    ``test_auth.py`` and ``test_api_auth.py``.)
+    """
+    async with apikit.running(sqlite_store, tmp_path) as api:
+        genuine = bearer(_jwt(_HS256, _admin_claims(), _KEY))
+        for path in ("/api/v1/users", "/api/v1/sessions"):
+            assert (await api.client.get(path, headers=genuine)).status_code == 200
+            for name, forge in FORGED.items():
+                response = await api.client.get(path, headers=bearer(forge()))
+                assert response.status_code == 401, (name, path, response.text)
+                assert response.json()["error"]["code"] == "unauthorized", name
+
+
+# -- the login page ----------------------------------------------------------------------
+
+
+UNSAFE_NEXT = [
+    "https://evil.example/",
+    "//evil.example",
+    "/\\evil.example",  # browsers read a backslash as a slash
+    "\\\\evil.example",
+    "/\t/evil.example",  # the URL parser drops tabs and newlines: //evil.example
+    "/\n/evil.example",
+    " //evil.example",
+    "javascript:alert(document.domain)",
+    "data:text/html,<script>alert(1)</script>",
+]
+SAFE_NEXT = ["/ui/sessions", "/ui/sessions/s-0123456789abcdef/view", "/ui/admin/tokens?agent=a1"]
+
+
+@pytest.mark.asyncio
+async def test_login_never_redirects_off_site(sqlite_store: Store, tmp_path: Path) -> None:
+    """Open redirect after login (phishing through a trusted link).
+
+    The login page sends the browser to its ``next`` parameter after logging in. An
+    absolute, scheme-relative or script target, and the paths a browser's URL parser
+    turns into one (a backslash, a tab or a newline after the first slash), must never be
+    followed: the server answers such a login link with a redirect to the bare login
+    page before its script runs, whichever ``next`` of several is the bad one, and puts
+    no target into any page. Paths of this site are served as they are; ``/`` ignores
+    ``next`` altogether.
+    """
+    async with apikit.running(sqlite_store, tmp_path) as api:
+        client = api.client
+        for target in UNSAFE_NEXT:
+            for query in (
+                {"next": target},
+                [("next", "/ui/sessions"), ("next", target)],
+                [("next", target), ("next", "/ui/sessions")],
+            ):
+                response = await client.get("/ui/login", params=query)
+                assert response.status_code == 303, (target, response.text)
+                assert response.headers["location"] == "/ui/login", target
+                assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+        bare = (await client.get("/ui/login")).text
+        for target in SAFE_NEXT:
+            response = await client.get("/ui/login", params={"next": target})
+            assert response.status_code == 200, target
+            assert response.text == bare  # the script reads it from the URL
+        home = await client.get("/", params={"next": "//evil.example"})
+        assert (home.status_code, home.headers["location"]) == (303, "/ui/sessions")

@@ -32,6 +32,7 @@ __all__ = [
     "PAGES",
     "STATIC_DIR",
     "Page",
+    "local_path",
     "novnc_installed",
     "render_page",
     "routes",
@@ -54,6 +55,10 @@ PAGE_CACHE = "no-cache"
 """The pages: small shells, revalidated so an upgrade is seen at once."""
 
 _HOST = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
+_LOCAL_PATH = re.compile(r"/(?![/\\])[^\\\x00-\x20\x7f]*")
+"""A path of this site: one leading slash, and no backslash, space or control character,
+which a browser's URL parser reads as a slash or drops (``/\\evil.example`` and
+``/<tab>/evil.example`` both lead to ``//evil.example``, another site)."""
 
 
 def security_headers(host: str | None) -> dict[str, str]:
@@ -291,10 +296,21 @@ def render_page(page: Page) -> str:
 """
 
 
+def local_path(target: str) -> bool:
+    """Tell whether sending a browser to ``target`` keeps it on this site."""
+    return _LOCAL_PATH.fullmatch(target) is not None
+
+
 def _page_endpoint(page: Page) -> Route:
     async def endpoint(request: Request) -> Response:
         headers = security_headers(request.headers.get("host"))
         headers["Cache-Control"] = PAGE_CACHE
+        if page.name == "login" and not all(
+            not target or local_path(target) for target in request.query_params.getlist("next")
+        ):
+            # The page's script goes to ``next`` after logging in; a link that would send
+            # the browser to another site is answered before the script can run.
+            return RedirectResponse(page.path, status_code=303, headers=headers)
         return Response(render_page(page), headers=headers, media_type="text/html")
 
     endpoint.__doc__ = f"Serve the {page.title} page."
