@@ -35,6 +35,7 @@ class Conn:
     def __init__(self, agent_id: str, conn_id: str) -> None:
         self.agent_id = agent_id
         self.conn_id = conn_id
+        self.token_id = "t-1"
 
     async def send(self, frame: Any) -> None:
         raise ConnectionError("not a socket")
@@ -62,6 +63,11 @@ class Inbox:
             while (notice, arg) not in self.got:
                 self._changed.clear()
                 await self._changed.wait()
+
+
+async def hgetall(client: aioredis.Redis, key: str) -> dict[str, str]:
+    found: dict[str, str] = await client.hgetall(key)  # type: ignore[misc]
+    return found
 
 
 def closed_port() -> int:
@@ -166,7 +172,7 @@ async def test_a_ticket_is_taken_once(hub: Hub) -> None:
 
 @pytest.mark.asyncio
 async def test_a_hub_of_one_leads_and_tells_itself(tmp_path: Path) -> None:
-    hub = load_driver(HUBS, "memory", settings=ControlPlaneSettings(streamspace_home=tmp_path))
+    hub: Hub = load_driver(HUBS, "memory", settings=ControlPlaneSettings(streamspace_home=tmp_path))
     inbox = Inbox()
     hub.on_notice(inbox)
     assert hub.leading()
@@ -208,14 +214,14 @@ async def test_redis_keeps_the_seeds_keys_with_their_ttls(
     assert 0 < await redis_client.pttl(key) <= 3000
     assert await redis_client.get(f"{prefix}pod:pod-a") == "http://pod-a.internal:8080"
     assert 0 < await redis_client.pttl(f"{prefix}pod:pod-a") <= 600
-    assert await redis_client.hgetall(f"{prefix}pods") == {"pod-a": "http://pod-a.internal:8080"}
+    assert await hgetall(redis_client, f"{prefix}pods") == {"pod-a": "http://pod-a.internal:8080"}
     await hub.put_ticket("vnc:abc", "grant", 60)
     assert 59_000 < await redis_client.pttl(f"{prefix}ticket:vnc:abc") <= 60_000
 
     await redis_client.pexpire(key, 100)
     await hub.refresh(Conn("k8s-prod-cluster", "ws-other"))  # not the current one: ignored
     assert await redis_client.pttl(key) <= 100
-    await hub.refresh(hub.local("k8s-prod-cluster"))  # type: ignore[arg-type]
+    await hub.refresh(hub.local("k8s-prod-cluster"))
     assert await redis_client.pttl(key) > 2000
 
     await hub.stop()  # withdraws: nothing of it is left
@@ -242,11 +248,11 @@ async def test_replicas_locate_each_others_agents_newest_connection_first(
     assert located is not None
     assert located.pod == "pod-c"
     # A's late cleanup cannot remove C's entry, only its own.
-    assert await a.detach(a.local("agent-1"))  # type: ignore[arg-type]
+    assert await a.detach(a.local("agent-1"))
     located = await b.locate("agent-1")
     assert located is not None
     assert located.pod == "pod-c"
-    await c.detach(c.local("agent-1"))  # type: ignore[arg-type]
+    await c.detach(c.local("agent-1"))
     assert await b.locate("agent-1") is None
 
 
@@ -296,7 +302,7 @@ async def test_a_crashed_replicas_entries_are_cleared_by_the_leader(
     await inbox_b.wait_for("lead")  # A's lease ran out
 
     async def cleared() -> bool:
-        return await redis_client.hgetall(f"{prefix}pods") == {
+        return await hgetall(redis_client, f"{prefix}pods") == {
             "pod-b": "http://pod-b.internal:8080"
         }
 
