@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import apikit
 import httpx
@@ -780,13 +780,13 @@ async def test_login_never_redirects_off_site(sqlite_store: Store, tmp_path: Pat
     async with apikit.running(sqlite_store, tmp_path) as api:
         client = api.client
         for target in UNSAFE_NEXT:
-            queries: list[list[tuple[str, str]]] = [
+            queries = [
                 [("next", target)],
                 [("next", "/ui/sessions"), ("next", target)],
                 [("next", target), ("next", "/ui/sessions")],
             ]
             for query in queries:
-                response = await client.get("/ui/login", params=httpx.QueryParams(query))
+                response = await client.get("/ui/login?" + urlencode(query))
                 assert response.status_code == 303, (target, response.text)
                 assert response.headers["location"] == "/ui/login", target
                 assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
