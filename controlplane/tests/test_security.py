@@ -92,7 +92,7 @@ FRAGMENT = 12
 """Characters of a secret that count as leaked when found anywhere: 12 random base64url
 characters are 72 bits, never a coincidence, and catch a token cut short by an elision."""
 
-_QUIET = ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi", "websockets")
+_SERVER_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi", "websockets")
 
 
 def leaks(secret: str, text: str, size: int = FRAGMENT) -> list[str]:
@@ -139,11 +139,11 @@ def debug_logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Capture]:
 
     def configure_debug(self: uvicorn.Config) -> None:
         configure(self)
-        for name in _QUIET:
+        for name in _SERVER_LOGGERS:
             logging.getLogger(name).setLevel(logging.DEBUG)
 
     monkeypatch.setattr(uvicorn.Config, "configure_logging", configure_debug)
-    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in _QUIET)]
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in _SERVER_LOGGERS)]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.addHandler(capture)
@@ -201,7 +201,7 @@ async def test_tokens_and_what_the_user_types_never_reach_the_logs(
             assert banner == RFB_VERSION
             text = clipboard.encode()
             await io.write(struct.pack(">B3xI", 6, len(text)) + text)  # ClientCutText
-            # The update asked for after it comes back once the text went through.
+            # The update is asked for after the text, so once it is back the text went through.
             assert any(await framebuffer(io, server_init))
         assert await _refused(env, token, logger=viewer_log) == 403
         kept = {
@@ -883,9 +883,14 @@ def test_plugins_and_settings_show_no_secrets(
     shown += agent.model_dump_json()
     assert "**********" in shown
     assert_no_secrets(shown, kept_secrets())
-    with pytest.raises(ConfigError) as bad:
-        load_settings(ControlPlaneSettings, db_port="nope", jwt_secret=12345)
+    with pytest.raises(ConfigError) as bad:  # a secret of the wrong type is not quoted
+        load_settings(
+            ControlPlaneSettings,
+            db_port="nope",
+            redis_url=[f"redis://:{SECRETS['REDIS_PASSWORD']}@127.0.0.1"],
+        )
     assert "DB_PORT" in str(bad.value)
+    assert "REDIS_URL" in str(bad.value)
     assert_no_secrets(str(bad.value), kept_secrets())
 
 
@@ -907,8 +912,8 @@ def test_a_bad_redis_url_is_reported_without_its_password(
     """Credentials echoed in error messages (a bad URL quoted back whole).
 
     ``streamspace-controlplane`` started with a ``REDIS_URL`` it cannot use says what is
-    wrong and names the variable, without the password; one it can parse but not reach
-    shows it as ``***`` in its messages and in ``/ready``.
+    wrong and names the variable, without the password; one it can parse shows the
+    password as ``***`` in the form its log lines and ``/ready`` use.
     """
     password = SECRETS["REDIS_PASSWORD"]
     monkeypatch.setenv("STREAMSPACE_HOME", str(tmp_path))
