@@ -42,6 +42,8 @@ def server_config(cp: ControlPlane) -> uvicorn.Config:
         port=cp.settings.port,
         ws="websockets-sansio",
         ws_per_message_deflate=False,
+        ws_ping_interval=cp.settings.ws_ping_interval,
+        ws_ping_timeout=cp.settings.ws_ping_timeout,
         lifespan="on",
         log_level=cp.settings.log_level.lower(),
         proxy_headers=True,

@@ -62,6 +62,10 @@ class ControlPlaneSettings(StreamSpaceSettings):
     """An agent silent this long is marked offline."""
     vnc_proxy_timeout: Annotated[Duration, Field(gt=0)] = 300.0
     """A VNC stream idle this long is closed."""
+    ws_ping_interval: Annotated[Duration, Field(gt=0)] = 20.0
+    """Seconds between WebSocket pings to agents and viewers (uvicorn's)."""
+    ws_ping_timeout: Annotated[Duration, Field(gt=0)] = 20.0
+    """Seconds a ping may wait for its pong before the socket counts as dead."""
     redis_url: SecretStr | None = None
     """Redis for the ``redis`` hub (several replicas): ``redis://`` or ``rediss://``."""
     agent_hub_backend: str = "memory"

@@ -168,6 +168,13 @@ class AgentSettings(StreamSpaceSettings):
     vnc_transport: str = "ws-mux"
     """Name of the VNC transport driver in ``streamspace.transports``."""
 
+    ws_ping_interval: Annotated[Duration, Field(gt=0)] = 20.0
+    """Seconds between WebSocket pings to the control plane; with ``WS_PING_TIMEOUT`` it
+    bounds how long a dead control plane or a black-holed network goes unnoticed."""
+
+    ws_ping_timeout: Annotated[Duration, Field(gt=0)] = 20.0
+    """Seconds a ping may wait for its pong before the connection counts as dead."""
+
     @field_validator("agent_id")
     @classmethod
     def _check_id(cls, value: str) -> str:

@@ -537,6 +537,8 @@ class Agent:
                 compression=None,  # small frames; deflate costs more than it saves
                 open_timeout=self.open_timeout_s,
                 close_timeout=self.close_timeout_s,
+                ping_interval=self.settings.ws_ping_interval,
+                ping_timeout=self.settings.ws_ping_timeout,
                 max_size=MAX_TEXT_FRAME_BYTES,
                 user_agent_header=f"streamspace-agent/{_agent_version()}",
             )

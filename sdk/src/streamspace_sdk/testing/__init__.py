@@ -12,8 +12,8 @@ suite                      required fixture        checks
 ``ElectionMachine``        ``make_lease`` method   one leader at a time, epochs that grow
 =========================  ======================  ==========================================
 
-``TcpBalancer`` stands in for a Service in front of several control planes (and cuts
-connections on demand).
+``TcpBalancer`` stands in for a Service in front of several control planes, and for a bad
+network (``Faults``: latency, bandwidth, slicing, black hole, reset after N bytes; ``cut``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from streamspace_sdk.testing.platform import (
     PlatformFactory,
     SpecFactory,
 )
-from streamspace_sdk.testing.tcp import TcpBalancer
+from streamspace_sdk.testing.tcp import Faults, TcpBalancer
 from streamspace_sdk.testing.transport import StreamPairFactory, TransportConformance
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "FakeClock",
     "FakeControlPlane",
     "FaultyLease",
+    "Faults",
     "HomeProbe",
     "LeaseConformance",
     "LeaseFactory",
