@@ -111,9 +111,21 @@ async def deny_websocket(
 # -- requests ----------------------------------------------------------------------------
 
 
+def _declares_too_much(declared: str | None) -> bool:
+    """Whether a ``Content-Length`` states more than :data:`MAX_BODY_BYTES`.
+
+    Only ASCII digits count (``str.isdigit`` also holds for ``"²"``, which ``int`` refuses),
+    and a long number is too large before ``int`` would refuse its 4,300th digit; any other
+    value is left to the body's actual size.
+    """
+    if not declared or not (declared.isascii() and declared.isdigit()):
+        return False
+    digits = declared.lstrip("0")
+    return len(digits) > len(str(MAX_BODY_BYTES)) or int(digits or "0") > MAX_BODY_BYTES
+
+
 async def _read_body(request: Request) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+    if _declares_too_much(request.headers.get("content-length")):
         raise _too_large()
     chunks: list[bytes] = []
     size = 0

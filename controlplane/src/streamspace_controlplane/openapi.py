@@ -185,6 +185,29 @@ def _error_statuses(op: Operation) -> list[int]:
     return sorted(statuses)
 
 
+_SSE_EVENT: dict[str, Any] = {
+    "type": "object",
+    "description": "One event of the stream, as an EventSource delivers it.",
+    "properties": {
+        "id": {"type": "string"},
+        "event": {"type": "string"},
+        "data": {"type": "string"},
+        "retry": {"type": "integer", "minimum": 0},
+    },
+}
+"""What ``schema`` describes for ``text/event-stream`` in OpenAPI 3.1: each event, not the
+whole stream (3.2 names it ``itemSchema``)."""
+
+
+def _untyped_schema(media_type: str) -> dict[str, Any]:
+    """The schema of a successful body no model describes."""
+    if media_type == "text/event-stream":
+        return _SSE_EVENT
+    if media_type == "application/json":  # this document itself: an object, not a string
+        return {"type": "object"}
+    return {"type": "string"}
+
+
 def _operation(op: Operation, refs: dict[Any, Any], components: dict[str, Any]) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "operationId": op.operation_id,
@@ -208,7 +231,7 @@ def _operation(op: Operation, refs: dict[Any, Any], components: dict[str, Any]) 
             schema = {"type": "array", "items": schema}
         success["content"] = {"application/json": {"schema": schema}}
     elif op.status != 204:
-        success["content"] = {op.media_type: {"schema": {"type": "string"}}}
+        success["content"] = {op.media_type: {"schema": _untyped_schema(op.media_type)}}
     responses: dict[str, Any] = {str(op.status): success}
     for status, meaning in op.other_statuses.items():
         responses[str(status)] = {"description": meaning}

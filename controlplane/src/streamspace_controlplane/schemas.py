@@ -60,6 +60,9 @@ TemplateName = Annotated[str, Field(min_length=1, max_length=63, pattern=TEMPLAT
 AgentId = Annotated[str, Field(min_length=1, max_length=63, pattern=AGENT_ID_PATTERN)]
 MAX_PAGE = 500
 """Largest page of ``GET /api/v1/sessions``."""
+MAX_INT64 = 2**63 - 1
+"""Largest integer the stores hold (SQLite ``INTEGER``, PostgreSQL ``BIGINT``): the bound
+of offsets and ids a request may give, so none reaches the store and fails there."""
 
 
 class ApiModel(BaseModel):
@@ -288,14 +291,14 @@ class SessionListQuery(ApiModel):
     """Only this user's sessions (admins; a user sees only their own anyway)."""
     limit: int = Field(default=100, ge=1, le=MAX_PAGE)
     """Page size, 1 to 500."""
-    offset: int = Field(default=0, ge=0)
+    offset: int = Field(default=0, ge=0, le=MAX_INT64)
     """Matching sessions to skip."""
 
 
 class EventsQuery(ApiModel):
     """Where ``GET /api/v1/sessions/{id}/events`` resumes."""
 
-    last_event_id: int | None = Field(default=None, ge=0)
+    last_event_id: int | None = Field(default=None, ge=0, le=MAX_INT64)
     """Send only events after this id; the ``Last-Event-ID`` header does the same."""
 
 

@@ -25,6 +25,7 @@ from streamspace_controlplane.models import (
     SessionEventRecord,
     utcnow,
 )
+from streamspace_controlplane.schemas import MAX_INT64
 from streamspace_controlplane.services import tunnels
 from streamspace_controlplane.store.base import Conflict
 from streamspace_sdk.hooks import Principal
@@ -471,4 +472,5 @@ async def open_events(
         ApiError: 404 as for :func:`get_session`.
     """
     await get_session(cp, actor, session_id)
-    return EventFeed(cp, session_id, after_id)
+    # No event has an id past what the store holds; one that large could not be compared.
+    return EventFeed(cp, session_id, min(after_id, MAX_INT64))
