@@ -181,6 +181,30 @@ async def test_control_plane_restart_agent_reconnects_and_nothing_is_lost(
     assert record(agent.state_dir, new)["state"] == "running"
 
 
+async def test_control_plane_killed_mid_command_applies_it_once_after_restart(
+    cp: ControlPlane, admin: httpx.AsyncClient, agent: Agent
+) -> None:
+    """kill -9 right after a stop and a start are issued: whatever the control plane had
+    sent, acknowledged or recorded, after its restart each command has taken effect once."""
+    (to_stop,) = await start_running(admin, 1)
+    stopped_pgid = int(record(agent.state_dir, to_stop)["pgid"])
+    r = await admin.patch(f"/api/v1/sessions/{to_stop}", json={"state": "stopped"})
+    assert r.status_code == 200, r.text
+    to_start = await create_session(admin)
+    cp.kill()
+    await cp.start()
+    async with EventWatch(admin, to_stop) as watch:
+        await watch.wait_for("stopped", timeout_s=30)
+    async with EventWatch(admin, to_start) as watch:
+        await watch.wait_for("running", timeout_s=30)
+    assert not group_alive(stopped_pgid)
+    started = record(agent.state_dir, to_start)
+    assert group_alive(int(started["pgid"]))
+    assert xvnc_pid(int(started["pgid"])) > 0  # one Xvnc: started once
+    r = await admin.get(f"/api/v1/sessions/{to_start}")
+    assert r.json()["generation"] == 1
+
+
 REFUSED = "Registration refused (4429"
 """What an agent process logs when the control plane refuses it as a second process."""
 
