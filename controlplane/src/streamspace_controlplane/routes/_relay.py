@@ -13,7 +13,7 @@ import json
 import logging
 from collections.abc import Callable
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus, WebSocketException
@@ -32,6 +32,7 @@ __all__ = [
     "close_websocket",
     "dial_replica",
     "relay",
+    "relay_to_replica",
 ]
 
 logger = logging.getLogger("streamspace.controlplane.vnc")
@@ -196,6 +197,26 @@ async def relay(
     if isinstance(stream, ReplicaStream) and stream.close_code not in (None, CLOSE_NORMAL, 1005):
         code = stream.close_code  # the other replica's verdict, e.g. idle or unavailable
     return code, reason
+
+
+async def relay_to_replica(
+    websocket: WebSocket,
+    stream: ReplicaStream,
+    *,
+    idle_timeout_s: float,
+    gauge: Gauge,
+    subprotocol: str | None = None,
+) -> None:
+    """Accept ``websocket`` and pump it to the other replica until either side ends; the
+    socket is counted in ``gauge`` meanwhile."""
+    await websocket.accept(subprotocol=subprotocol)
+    gauge.inc()
+    try:
+        code, reason = await relay(websocket, stream, idle_timeout_s=idle_timeout_s)
+    finally:
+        gauge.dec()
+        await stream.close()
+    await close_websocket(websocket, code, reason)
 
 
 def _why(stream: ByteStream) -> str:

@@ -39,9 +39,8 @@ from streamspace_controlplane.http import deny_websocket
 from streamspace_controlplane.hub.base import Hub, HubUnavailable
 from streamspace_controlplane.routes._relay import (
     ReplicaRefused,
-    close_websocket,
     dial_replica,
-    relay,
+    relay_to_replica,
 )
 from streamspace_sdk.errors import StreamRefused
 from streamspace_sdk.protocol import (
@@ -292,13 +291,10 @@ async def _forward(cp: ControlPlane, websocket: WebSocket, token: str) -> bool:
     except ReplicaRefused as exc:
         logger.warning("Forwarding a dedicated VNC stream socket to %s failed: %s", url, exc)
         return False
-    await websocket.accept()
-    gauge = cp.metrics.websockets.labels("agent-stream-relay")
-    gauge.inc()
-    try:
-        code, reason = await relay(websocket, stream, idle_timeout_s=cp.settings.vnc_proxy_timeout)
-    finally:
-        gauge.dec()
-        await stream.close()
-    await close_websocket(websocket, code, reason)
+    await relay_to_replica(
+        websocket,
+        stream,
+        idle_timeout_s=cp.settings.vnc_proxy_timeout,
+        gauge=cp.metrics.websockets.labels("agent-stream-relay"),
+    )
     return True

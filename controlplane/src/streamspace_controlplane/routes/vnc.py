@@ -43,6 +43,7 @@ from streamspace_controlplane.routes._relay import (
     close_websocket,
     dial_replica,
     relay,
+    relay_to_replica,
 )
 from streamspace_controlplane.routes.agents import OFFERED_TRANSPORTS, AgentSocket
 from streamspace_controlplane.routes.streams import dedicated_streams
@@ -239,15 +240,13 @@ async def _forward(
         error = ERROR_CODES.get(status, "forbidden")
         await _refuse(websocket, ApiError(status, error, exc.message))
         return
-    await websocket.accept(subprotocol=_subprotocol(websocket))
-    gauge = cp.metrics.websockets.labels("vnc-relay")
-    gauge.inc()
-    try:
-        code, reason = await relay(websocket, stream, idle_timeout_s=cp.settings.vnc_proxy_timeout)
-    finally:
-        gauge.dec()
-        await stream.close()
-    await close_websocket(websocket, code, reason)
+    await relay_to_replica(
+        websocket,
+        stream,
+        idle_timeout_s=cp.settings.vnc_proxy_timeout,
+        gauge=cp.metrics.websockets.labels("vnc-relay"),
+        subprotocol=_subprotocol(websocket),
+    )
 
 
 def _subprotocol(websocket: WebSocket) -> str | None:
