@@ -524,11 +524,6 @@ async def test_a_vnc_token_is_bound_to_its_session_and_its_user(stack: Stack) ->
     assert await attempt(stack, second + await stack.vnc_token(stack.other)) == 101
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="services/vnc.py _redeem checks the grant's session, never its user: a token "
-    "issued to a user deleted before using it still opens the desktop (for 60 s)",
-)
 @pytest.mark.asyncio
 async def test_a_vnc_token_dies_with_its_user(stack: Stack) -> None:
     """Broken access control after deprovisioning: a credential outliving its user.
@@ -932,13 +927,6 @@ def test_a_bad_redis_url_is_reported_without_its_password(
         assert_no_secrets(hub.redis_url, {"REDIS_PASSWORD": password})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hub/redis.py: _redact() sees no password in a REDIS_URL whose password holds "
-    "'#', '/' or '?' unencoded (urlsplit ends the host part there), so the URL is kept "
-    "whole for messages (redis_url, /ready, 'Connected to Redis at'), and the ConfigError "
-    "wrapping redis-py's parse error quotes the part before the character as the port",
-)
 @pytest.mark.parametrize("cut", ["#", "/"])
 def test_a_redis_password_with_a_url_delimiter_is_not_echoed(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cut: str
@@ -961,14 +949,6 @@ def test_a_redis_password_with_a_url_delimiter_is_not_echoed(
     assert_no_secrets(shown, {"REDIS_PASSWORD": password})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="settings.py: ControlPlaneSettings.postgres_dsn() puts DB_USER and DB_PASSWORD "
-    "into the DSN without percent-encoding them, so a password with '@', '/', '#' or '?' "
-    "splits the DSN and store/postgres.py's _describe() reports parts of it as the host "
-    "and the database (in every 'cannot connect' error and the store's repr); such a "
-    "password cannot be used at all",
-)
 def test_a_db_password_with_url_delimiters_is_not_echoed(tmp_path: Path) -> None:
     """Credentials echoed in error messages: ``DB_PASSWORD`` with URL delimiters."""
     password = "first-part-of-it@second-part-of-it/third-part-of-it"

@@ -64,7 +64,7 @@ def test_postgres_dsn_from_the_db_variables() -> None:
     settings = ControlPlaneSettings(
         db_host="db.example", db_port=6543, db_name="ss", db_user="u", db_password=SecretStr("p@ss")
     )
-    assert settings.postgres_dsn() == "postgresql://u:p@ss@db.example:6543/ss"
+    assert settings.postgres_dsn() == "postgresql://u:p%40ss@db.example:6543/ss"
     no_password = ControlPlaneSettings(db_host="db.example")
     assert no_password.postgres_dsn() == "postgresql://streamspace@db.example:5432/streamspace"
 

@@ -10,7 +10,7 @@ import secrets
 import socket
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
@@ -163,7 +163,7 @@ class ControlPlaneSettings(StreamSpaceSettings):
         if not self.db_host:
             raise ConfigError("DB_HOST: is required for the postgres store")
         password = self.db_password.get_secret_value() if self.db_password else ""
-        auth = self.db_user + (f":{password}" if password else "")
+        auth = quote(self.db_user, safe="") + (f":{quote(password, safe='')}" if password else "")
         return f"postgresql://{auth}@{self.db_host}:{self.db_port}/{self.db_name}"
 
     def resolve_jwt_secret(self) -> str:

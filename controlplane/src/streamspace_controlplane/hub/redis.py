@@ -101,6 +101,12 @@ class RedisHub(MemoryHub):
             raise ConfigError("REDIS_URL: is required with AGENT_HUB_BACKEND=redis")
         secret = settings.redis_url.get_secret_value()
         scheme = urlsplit(secret).scheme
+        userinfo = secret.partition("://")[2].rpartition("@")[0]
+        if userinfo and urlsplit(secret).netloc.rpartition("@")[0] != userinfo:
+            raise ConfigError(
+                "REDIS_URL: its password holds '#', '/', '?' or '@' unencoded; "
+                "percent-encode it (urllib.parse.quote(password, safe=''))"
+            )
         if scheme not in ("redis", "rediss", "unix"):
             raise ConfigError(
                 f"REDIS_URL: must be a redis://, rediss:// or unix:// URL, not {scheme or 'no'} "

@@ -94,7 +94,7 @@ def _last_event_id(request: Request) -> int:
     header = request.headers.get("last-event-id", "").strip()
     if not header:
         return query.last_event_id or 0
-    if not header.isdigit():
+    if not (header.isascii() and header.isdigit() and len(header) <= 19):
         message = "must be the id of an event: a whole number of zero or more"
         raise ApiError(
             422,

@@ -195,6 +195,8 @@ async def _redeem(
         raise ApiError(
             403, "forbidden", f"invalid {what}: unknown, expired, used or for another session"
         )
+    if await cp.store.get_user(grant.username) is None:  # deleted since it was issued
+        raise ApiError(403, "forbidden", f"invalid {what}: its user no longer exists")
     session = await cp.store.get_session(session_id)
     if session is None:
         raise ApiError(404, "not_found", f"session {session_id} not found")
