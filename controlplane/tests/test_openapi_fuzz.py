@@ -15,7 +15,8 @@ kind, missing claims, of a deleted user, not a bearer credential), who must get 
 ``Bearer`` challenge from every operation that needs a token.
 
 schemathesis's own pytest integration is not used (``@schema.parametrize`` reads
-``Node._nodeid``, which pytest 9.2 does not have); each test builds a Hypothesis test from an operation's
+``Node._nodeid``, which pytest 9.2 does not have); each test builds a Hypothesis test
+from an operation's
 ``as_strategy`` instead, bounded by :data:`MAX_EXAMPLES`. Operations run in a fixed
 order, reads before writes and deletes last, so a delete does not hide a resource from
 the reads. The module takes about 20 s on two cores.
