@@ -14,14 +14,14 @@ answers with an :class:`Error` frame and the connection stays up.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 import sys
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Self, TypeAlias
 
-from pydantic import AwareDatetime, Field, TypeAdapter, ValidationError, model_validator
-from pydantic_core import PydanticSerializationError
+from pydantic import AwareDatetime, BaseModel, Field, TypeAdapter, ValidationError, model_validator
 
 from streamspace_sdk._models import WireModel
 from streamspace_sdk.errors import ProtocolError
@@ -320,10 +320,14 @@ FRAME_TYPES: dict[str, type[WireModel]] = {
 def parse_frame(data: str | bytes) -> Frame:
     """Parse one text frame.
 
+    A frame that ``dump_frame`` could not write back as it came is ``invalid`` too: one
+    holding a lone UTF-16 surrogate, ``NaN``, an infinity (or a float too large, read as
+    one), or nesting deeper than 128 levels.
+
     Raises:
         ProtocolError: with ``code`` one of ``too_large``, ``not_utf8``, ``not_json``,
             ``not_object``, ``missing_type``, ``unknown_type``, ``invalid``, and a reason
-            that says what was wrong where.
+            that says what was wrong where, in a few hundred characters at most.
     """
     size = len(data)
     if isinstance(data, str) and size <= MAX_TEXT_FRAME_BYTES < 4 * size:
@@ -354,7 +358,7 @@ def parse_frame(data: str | bytes) -> Frame:
         raise ProtocolError("missing_type", "frame has no 'type' field")
     if not isinstance(kind, str) or kind not in FRAME_TYPES:
         known = ", ".join(sorted(FRAME_TYPES))
-        raise ProtocolError("unknown_type", f"unknown frame type {kind!r}; known: {known}")
+        raise ProtocolError("unknown_type", f"unknown frame type {_short(kind)}; known: {known}")
     try:
         frame = _ADAPTER.validate_python(obj)
     except ValidationError as exc:
@@ -362,26 +366,58 @@ def parse_frame(data: str | bytes) -> Frame:
     return _writable(frame, data)
 
 
-_MAYBE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]|[\ud800-\udfff]")
-_MAYBE_SURROGATE_BYTES = re.compile(rb"\\u[dD][89a-fA-F]")
+_MAX_DEPTH = 128
+"""Deepest nesting of objects and lists a frame may have (no frame needs a dozen levels;
+pydantic validates a little deeper than it can serialise, near 255)."""
+
+_UNWRITABLE_HINTS = r"\\u[dD][89a-fA-F]|NaN|Infinity|[:,\[]\s*-?[0-9.]+[eE]|[0-9]{309}"
+"""What precedes a surrogate escape, a non-finite number, or an exponent (which may overflow)."""
+_MAYBE_UNWRITABLE = re.compile(_UNWRITABLE_HINTS + r"|[\ud800-\udfff]")
+_MAYBE_UNWRITABLE_BYTES = re.compile(_UNWRITABLE_HINTS.encode())
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _writable(frame: Frame, data: str | bytes) -> Frame:
-    """Refuse a frame holding a lone UTF-16 surrogate, which ``dump_frame`` cannot write."""
-    found = (
-        _MAYBE_SURROGATE.search(data)
-        if isinstance(data, str)
-        else _MAYBE_SURROGATE_BYTES.search(data)
-    )
-    if found is None:
+    """Refuse a frame that ``dump_frame`` cannot write back as it came.
+
+    That is one holding a lone UTF-16 surrogate (in a key too), a number JSON cannot
+    carry (``NaN``, ``Infinity``, or a float too large, read as infinity), or nesting
+    deeper than :data:`_MAX_DEPTH`. The text is searched first for what may lead to
+    each, so an ordinary frame is not walked.
+    """
+    if isinstance(data, str):
+        brackets = data.count("[") + data.count("{")
+        maybe = _MAYBE_UNWRITABLE.search(data) is not None
+    else:
+        brackets = data.count(b"[") + data.count(b"{")
+        maybe = _MAYBE_UNWRITABLE_BYTES.search(data) is not None
+    if not maybe and brackets <= _MAX_DEPTH:
         return frame
-    try:
-        frame.model_dump_json()
-    except PydanticSerializationError:
-        raise ProtocolError(
-            "invalid", f"bad {frame.type!r} frame: a string holds a lone UTF-16 surrogate"
-        ) from None
+    problem = _unwritable(frame)
+    if problem is not None:
+        raise ProtocolError("invalid", f"bad {frame.type!r} frame: {problem}")
     return frame
+
+
+def _unwritable(frame: Frame) -> str | None:
+    """Say what in ``frame`` JSON cannot carry as it is, or return ``None``."""
+    stack: list[tuple[Any, int]] = [(frame, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > _MAX_DEPTH:
+            return f"nested deeper than {_MAX_DEPTH} levels"
+        if isinstance(value, BaseModel):
+            stack.extend((getattr(value, name), depth + 1) for name in type(value).model_fields)
+        elif isinstance(value, dict):
+            stack.extend((item, depth + 1) for pair in value.items() for item in pair)
+        elif isinstance(value, list | tuple):
+            stack.extend((item, depth + 1) for item in value)
+        elif isinstance(value, str):
+            if _LONE_SURROGATE.search(value):
+                return "a string holds a lone UTF-16 surrogate"
+        elif isinstance(value, float) and not math.isfinite(value):
+            return "a number is not finite (NaN, Infinity, or too large for a float)"
+    return None
 
 
 def dump_frame(frame: WireModel) -> str:
@@ -438,9 +474,30 @@ def json_schema() -> dict[str, Any]:
     return schema
 
 
+_MAX_LISTED_ERRORS = 5
+_MAX_PART_CHARS = 120
+
+
+def _short(value: object) -> str:
+    """``repr(value)``, cut to a length an error frame can carry whatever the peer sent."""
+    text = repr(value)
+    if len(text) <= _MAX_PART_CHARS:
+        return text
+    return f"{text[: _MAX_PART_CHARS - 20]}...({len(text)} characters)"
+
+
 def _describe(exc: ValidationError) -> str:
+    """The first few errors, each cut short: a reason never grows with the frame."""
     parts = []
-    for err in exc.errors(include_url=False):
+    errors = exc.errors(include_url=False, include_input=False)
+    for err in errors[:_MAX_LISTED_ERRORS]:
         loc = ".".join(str(p) for p in err["loc"][1:]) or "frame"
-        parts.append(f"{loc}: {str(err['msg']).removeprefix('Value error, ')}")
+        if len(loc) > _MAX_PART_CHARS:
+            loc = f"{loc[: _MAX_PART_CHARS // 2]}...{loc[-_MAX_PART_CHARS // 2 :]}"
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if len(msg) > _MAX_PART_CHARS:
+            msg = f"{msg[:_MAX_PART_CHARS]}..."
+        parts.append(f"{loc}: {msg}")
+    if len(errors) > _MAX_LISTED_ERRORS:
+        parts.append(f"and {len(errors) - _MAX_LISTED_ERRORS} more")
     return "; ".join(parts)
