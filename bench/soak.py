@@ -360,6 +360,12 @@ async def run(args: argparse.Namespace) -> None:
                 " MiB",
             )
         )
+        soak.log.flush()
+        text = (root / "processes.log").read_text(errors="replace")
+        print(
+            f"control plane and agent log: {text.count('ERROR')} ERROR lines,"
+            f" {text.count('Traceback')} tracebacks"
+        )
     finally:
         await soak.close()
         if database is not None:
