@@ -6,6 +6,8 @@
 * ``Content-Length: ²`` passed ``str.isdigit`` and failed in ``int``: a 500.
 * ``Last-Event-ID: ²`` or of 5,000 digits fails in ``int`` in ``routes/events.py``: a 500
   (fixed: 422).
+* A body value of another JSON type than documented (``false`` for an integer) was
+  converted and the request accepted.
 """
 
 from __future__ import annotations
@@ -135,3 +137,27 @@ async def test_last_event_id_header_that_int_refuses_is_422(
         response = await api.client.get(url, headers=headers)
     error = assert_error(response, 422, "validation_error")
     assert error["fields"][0]["field"] == "header.Last-Event-ID"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"name": "x", "resources": {"memory_request_mib": False}}, "body.resources"),
+        ({"name": "x", "vnc_port": "5900"}, "body.vnc_port"),
+        ({"name": "x", "vnc_port": 5900.0}, "body.vnc_port"),
+        ({"name": "x", "persistent_home": 1}, "body.persistent_home"),
+    ],
+)
+async def test_a_body_value_of_another_json_type_is_refused(
+    store: Store, tmp_path: Path, body: dict[str, object], field: str
+) -> None:
+    """A body is JSON and the document gives each field's JSON type: another type is a
+    422 naming the field, not converted (``false`` to ``0``, ``"5900"`` to ``5900``)."""
+    async with apikit.running(store, tmp_path) as api:
+        response = await api.client.post("/api/v1/templates", json=body, headers=api.admin)
+        error = assert_error(response, 422, "validation_error")
+        assert error["fields"][0]["field"].startswith(field), error
+        fine = {"name": "x", "vnc_port": 5901, "resources": {"memory_request_mib": 512}}
+        created = await api.client.post("/api/v1/templates", json=fine, headers=api.admin)
+        assert created.status_code == 201, created.text

@@ -16,10 +16,9 @@ kind, missing claims, of a deleted user, not a bearer credential), who must get 
 
 schemathesis's own pytest integration is not used (``@schema.parametrize`` reads
 ``Node._nodeid``, which pytest 9.2 does not have); each test builds a Hypothesis test
-from an operation's
-``as_strategy`` instead, bounded by :data:`MAX_EXAMPLES`. Operations run in a fixed
-order, reads before writes and deletes last, so a delete does not hide a resource from
-the reads. The module takes about 20 s on two cores.
+from an operation's ``as_strategy`` instead, bounded by :data:`MAX_EXAMPLES`. Operations
+run in a fixed order, reads before writes and deletes last, so a delete does not hide a
+resource from the reads. The module takes 15-20 s on two cores.
 """
 
 from __future__ import annotations
@@ -49,6 +48,13 @@ from streamspace_controlplane.models import utcnow
 from streamspace_controlplane.openapi import build_document
 from streamspace_controlplane.routes.api import all_operations
 from streamspace_controlplane.store.sqlite import SqliteStore
+
+pytestmark = pytest.mark.filterwarnings(
+    # Some of schemathesis's strategies draw from the random module now and then, which
+    # Hypothesis warns of (an error under filterwarnings); the cases are still checked.
+    "ignore:Do not use the `random` module inside strategies"
+    ":hypothesis.errors.HypothesisDeprecationWarning"
+)
 
 MAX_EXAMPLES = 30
 """Generated requests per operation and caller (operations without inputs need one)."""

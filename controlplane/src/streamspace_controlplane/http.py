@@ -147,6 +147,9 @@ def _too_large() -> ApiError:
 async def parse_body(request: Request, model: type[M]) -> M:
     """Read the request's JSON body into ``model``.
 
+    Validation is strict: a body is JSON, so a value of another JSON type than the
+    document says (``false`` or ``"5"`` for an integer) is refused, not converted.
+
     Raises:
         ApiError: 400 when the body is empty or not JSON, 413 when it is too large, 422
             when it does not fit ``model`` (each bad field named).
@@ -159,7 +162,7 @@ async def parse_body(request: Request, model: type[M]) -> M:
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ApiError(400, "bad_request", f"request body is not valid JSON: {exc}") from None
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, strict=True)
     except ValidationError as exc:
         raise validation_error(exc, "body") from None
 
