@@ -544,6 +544,9 @@ def _docker_build(
             rm=True,
             forcerm=True,
             pull=False,
+            # Nothing is fetched (wheels install --no-index), and the default bridge may
+            # be missing: another engine on this host may have removed docker0.
+            network_mode="none",
             decode=True,
         ):
             if "error" in chunk:

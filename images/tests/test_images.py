@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import os
 import secrets
 import subprocess
 import sys
@@ -164,8 +165,14 @@ def test_control_plane_serves_health_as_non_root(
     assert config["User"] == f"{UID}:{UID}"
     assert config["Cmd"] == ["streamspace-controlplane", "serve"]
     assert "8080/tcp" in config["ExposedPorts"]
+    # A network of its own rather than docker0, which another engine may have removed.
+    network = engine.networks.create(f"ss-images-test-{os.getpid()}", labels=TEST_LABEL)
     container = engine.containers.run(
-        image, detach=True, labels=TEST_LABEL, ports={"8080/tcp": ("127.0.0.1", None)}
+        image,
+        detach=True,
+        labels=TEST_LABEL,
+        network=network.name,
+        ports={"8080/tcp": ("127.0.0.1", None)},
     )
     try:
         container.reload()
@@ -193,6 +200,7 @@ def test_control_plane_serves_health_as_non_root(
         assert "Traceback" not in logs, logs
     finally:
         container.remove(force=True)
+        network.remove()
 
 
 @pytest.mark.parametrize("name", sorted(AGENTS))

@@ -495,6 +495,8 @@ def _describe(exc: ValidationError) -> str:
         if len(loc) > _MAX_PART_CHARS:
             loc = f"{loc[: _MAX_PART_CHARS // 2]}...{loc[-_MAX_PART_CHARS // 2 :]}"
         msg = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "recursion_loop":  # older pydantic stops deep nesting itself
+            msg = f"nested deeper than {_MAX_DEPTH} levels"
         if len(msg) > _MAX_PART_CHARS:
             msg = f"{msg[:_MAX_PART_CHARS]}..."
         parts.append(f"{loc}: {msg}")

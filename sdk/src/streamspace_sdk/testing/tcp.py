@@ -157,7 +157,7 @@ class TcpBalancer:
                 passed += len(data)
             if writer.can_write_eof():
                 writer.write_eof()
-        except OSError:
+        except (OSError, RuntimeError):  # uvloop raises RuntimeError on a reset transport
             return False
         return True
 
