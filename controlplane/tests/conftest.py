@@ -23,6 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import pytest_asyncio
+import redis.asyncio as aioredis
 from agentsim import Harness, fast_settings, serve_control_plane
 from apikit import isolate
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -268,3 +269,21 @@ async def harness(store: Store, tmp_path: Path) -> AsyncIterator[Harness]:
     """A served control plane on ``store`` with fast intervals, and its simulated agents."""
     async with serve_control_plane(fast_settings(tmp_path), store) as h:
         yield h
+
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+"""The machine's Redis, which the hub, replica and outage tests share under prefixes."""
+
+
+@pytest_asyncio.fixture
+async def redis_prefix() -> AsyncIterator[str]:
+    """A Redis key prefix of this test's own; its keys are deleted afterwards."""
+    made = f"test-{secrets.token_hex(4)}:"
+    try:
+        yield made
+    finally:
+        client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
+        keys = [k async for k in client.scan_iter(match=f"{made}*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()

@@ -1,5 +1,5 @@
 """The hubs: ``memory`` (one process) and ``redis`` (several replicas, against the real Redis
-on 127.0.0.1:6379, each test under a key prefix of its own)."""
+on 127.0.0.1:6379, each test under a key redis_prefix of its own)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import secrets
 import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -85,24 +84,14 @@ async def redis_client() -> AsyncIterator[aioredis.Redis]:
         await client.aclose()
 
 
-@pytest_asyncio.fixture
-async def prefix(redis_client: aioredis.Redis) -> AsyncIterator[str]:
-    """A key prefix of this test's own; its keys are removed after."""
-    made = f"test-{secrets.token_hex(4)}:"
-    try:
-        yield made
-    finally:
-        keys = [k async for k in redis_client.scan_iter(match=f"{made}*")]
-        if keys:
-            await redis_client.delete(*keys)
-
-
-def redis_settings(prefix: str, pod: str, tmp_path: Path, **overrides: Any) -> ControlPlaneSettings:
+def redis_settings(
+    redis_prefix: str, pod: str, tmp_path: Path, **overrides: Any
+) -> ControlPlaneSettings:
     values: dict[str, Any] = {
         "streamspace_home": tmp_path,
         "agent_hub_backend": "redis",
         "redis_url": REDIS_URL,
-        "redis_key_prefix": prefix,
+        "redis_key_prefix": redis_prefix,
         "pod_name": pod,
         "internal_url": f"http://{pod}.internal:8080",
         "replica_timeout": "600ms",
@@ -112,12 +101,12 @@ def redis_settings(prefix: str, pod: str, tmp_path: Path, **overrides: Any) -> C
 
 
 @pytest_asyncio.fixture
-async def make_hub(prefix: str, tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+async def make_hub(redis_prefix: str, tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     """Start a redis hub for replica ``pod`` (stopped after the test unless stopped)."""
     started: list[RedisHub] = []
 
     async def make(pod: str, inbox: Inbox | None = None, **overrides: Any) -> RedisHub:
-        hub = RedisHub(redis_settings(prefix, pod, tmp_path, **overrides))
+        hub = RedisHub(redis_settings(redis_prefix, pod, tmp_path, **overrides))
         if inbox is not None:
             hub.on_notice(inbox)
         await hub.start()
@@ -203,20 +192,22 @@ def test_memory_tickets_expire_and_stay_bounded(monkeypatch: pytest.MonkeyPatch)
 
 @pytest.mark.asyncio
 async def test_redis_keeps_the_seeds_keys_with_their_ttls(
-    make_hub: Callable[..., Any], redis_client: aioredis.Redis, prefix: str
+    make_hub: Callable[..., Any], redis_client: aioredis.Redis, redis_prefix: str
 ) -> None:
     hub = await make_hub("pod-a")
     await hub.attach(Conn("k8s-prod-cluster", "ws-abc123"))
-    key = f"{prefix}agent:k8s-prod-cluster:conn:pod-a"
+    key = f"{redis_prefix}agent:k8s-prod-cluster:conn:pod-a"
     value = await redis_client.get(key)
     assert value is not None
     assert value.startswith("ws-abc123 ")
     assert 0 < await redis_client.pttl(key) <= 3000
-    assert await redis_client.get(f"{prefix}pod:pod-a") == "http://pod-a.internal:8080"
-    assert 0 < await redis_client.pttl(f"{prefix}pod:pod-a") <= 600
-    assert await hgetall(redis_client, f"{prefix}pods") == {"pod-a": "http://pod-a.internal:8080"}
+    assert await redis_client.get(f"{redis_prefix}pod:pod-a") == "http://pod-a.internal:8080"
+    assert 0 < await redis_client.pttl(f"{redis_prefix}pod:pod-a") <= 600
+    assert await hgetall(redis_client, f"{redis_prefix}pods") == {
+        "pod-a": "http://pod-a.internal:8080"
+    }
     await hub.put_ticket("vnc:abc", "grant", 60)
-    assert 59_000 < await redis_client.pttl(f"{prefix}ticket:vnc:abc") <= 60_000
+    assert 59_000 < await redis_client.pttl(f"{redis_prefix}ticket:vnc:abc") <= 60_000
 
     await redis_client.pexpire(key, 100)
     await hub.refresh(Conn("k8s-prod-cluster", "ws-other"))  # not the current one: ignored
@@ -225,8 +216,8 @@ async def test_redis_keeps_the_seeds_keys_with_their_ttls(
     assert await redis_client.pttl(key) > 2000
 
     await hub.stop()  # withdraws: nothing of it is left
-    assert [k async for k in redis_client.scan_iter(match=f"{prefix}*")] == [
-        f"{prefix}ticket:vnc:abc"
+    assert [k async for k in redis_client.scan_iter(match=f"{redis_prefix}*")] == [
+        f"{redis_prefix}ticket:vnc:abc"
     ]
 
 
@@ -290,7 +281,7 @@ async def test_a_stopped_leader_hands_over_and_the_new_one_is_told(
 
 @pytest.mark.asyncio
 async def test_a_crashed_replicas_entries_are_cleared_by_the_leader(
-    make_hub: Callable[..., Any], redis_client: aioredis.Redis, prefix: str
+    make_hub: Callable[..., Any], redis_client: aioredis.Redis, redis_prefix: str
 ) -> None:
     inbox_b = Inbox()
     a = await make_hub("pod-a")
@@ -302,12 +293,12 @@ async def test_a_crashed_replicas_entries_are_cleared_by_the_leader(
     await inbox_b.wait_for("lead")  # A's lease ran out
 
     async def cleared() -> bool:
-        return await hgetall(redis_client, f"{prefix}pods") == {
+        return await hgetall(redis_client, f"{redis_prefix}pods") == {
             "pod-b": "http://pod-b.internal:8080"
         }
 
     await eventually(cleared, timeout_s=5)
-    assert await redis_client.exists(f"{prefix}agent:agent-1:conn:pod-a") == 0
+    assert await redis_client.exists(f"{redis_prefix}agent:agent-1:conn:pod-a") == 0
     assert await b.locate("agent-1") is None
     await a._redis.aclose()
 
@@ -316,12 +307,12 @@ async def test_a_crashed_replicas_entries_are_cleared_by_the_leader(
 async def test_malformed_inbox_messages_are_ignored(
     make_hub: Callable[..., Any],
     redis_client: aioredis.Redis,
-    prefix: str,
+    redis_prefix: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     inbox = Inbox()
     await make_hub("pod-a", inbox)
-    channel = f"{prefix}inbox:pod-a"
+    channel = f"{redis_prefix}inbox:pod-a"
     with caplog.at_level(logging.WARNING, "streamspace.controlplane.hub"):
         for junk in ("not json", "[1, 2]", json.dumps({"notice": "explode"}), "{}"):
             await redis_client.publish(channel, junk)
@@ -335,27 +326,27 @@ async def test_malformed_inbox_messages_are_ignored(
 # -- redis: configuration and outages -------------------------------------------------------
 
 
-def test_configuration_errors_name_the_variable(prefix: str, tmp_path: Path) -> None:
+def test_configuration_errors_name_the_variable(redis_prefix: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="REDIS_URL: is required"):
-        RedisHub(redis_settings(prefix, "p", tmp_path, redis_url=None))
+        RedisHub(redis_settings(redis_prefix, "p", tmp_path, redis_url=None))
     with pytest.raises(ConfigError, match="REDIS_URL: must be a redis://"):
-        RedisHub(redis_settings(prefix, "p", tmp_path, redis_url="http://127.0.0.1:6379"))
+        RedisHub(redis_settings(redis_prefix, "p", tmp_path, redis_url="http://127.0.0.1:6379"))
     with pytest.raises(ConfigError, match="INTERNAL_URL: is required with PORT=0"):
-        RedisHub(redis_settings(prefix, "p", tmp_path, internal_url=None, port=0))
+        RedisHub(redis_settings(redis_prefix, "p", tmp_path, internal_url=None, port=0))
     with pytest.raises(ValueError, match="not an http"):
-        redis_settings(prefix, "p", tmp_path, internal_url="tcp://10.0.0.1")
+        redis_settings(redis_prefix, "p", tmp_path, internal_url="tcp://10.0.0.1")
     from_pod_ip = RedisHub(
-        redis_settings(prefix, "p", tmp_path, internal_url=None, pod_ip="10.1.2.3")
+        redis_settings(redis_prefix, "p", tmp_path, internal_url=None, pod_ip="10.1.2.3")
     )
     assert from_pod_ip.url == "http://10.1.2.3:8080"
 
 
 @pytest.mark.asyncio
 async def test_no_redis_at_start_fails_saying_where_without_the_password(
-    prefix: str, tmp_path: Path
+    redis_prefix: str, tmp_path: Path
 ) -> None:
     url = f"redis://:hunter2@127.0.0.1:{closed_port()}/0"
-    hub = RedisHub(redis_settings(prefix, "p", tmp_path, redis_url=url))
+    hub = RedisHub(redis_settings(redis_prefix, "p", tmp_path, redis_url=url))
     with pytest.raises(HubUnavailable, match=r"redis unreachable at redis://:\*\*\*@127") as err:
         await hub.start()
     assert "hunter2" not in str(err.value)

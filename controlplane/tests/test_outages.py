@@ -14,7 +14,6 @@ server other tests use. Expected outcomes:
 from __future__ import annotations
 
 import contextlib
-import secrets
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,7 +21,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
-import redis.asyncio as aioredis
 from agentsim import Harness, eventually, fast_settings, serve_control_plane
 
 from streamspace_controlplane.store.postgres import PostgresStore
@@ -97,42 +95,36 @@ async def test_postgresql_away_and_back(fresh_pg_dsn: str, tmp_path: Path) -> No
 
 
 @pytest.mark.asyncio
-async def test_redis_away_and_back(sqlite_store_path: Path, tmp_path: Path) -> None:
-    prefix = f"test-{secrets.token_hex(4)}:"
+async def test_redis_away_and_back(
+    sqlite_store_path: Path, tmp_path: Path, redis_prefix: str
+) -> None:
     async with TcpBalancer([REDIS]) as redis_lb:
         settings = fast_settings(
             tmp_path / "home",
             agent_hub_backend="redis",
             redis_url=f"redis://127.0.0.1:{redis_lb.port}/0",
-            redis_key_prefix=prefix,
+            redis_key_prefix=redis_prefix,
             pod_name="solo",
             internal_url="http://127.0.0.1:9",
         )
         store = SqliteStore(sqlite_store_path)
-        try:
-            async with serve_control_plane(settings, store) as harness, http_of(harness) as http:
-                await harness.template("desktop")
-                await harness.agent("redis-agent")
-                assert (await http.get("/ready")).status_code == 200
-                backends = take_away(redis_lb)
-                ready = await http.get("/ready")
-                assert ready.status_code == 503, ready.text
-                assert "redis unreachable" in ready.json()["problems"][0]
-                # The agent held here is served: its start goes through the store.
-                session = await harness.session()
-                await harness.wait_state(session.id, "running", timeout_s=10)
-                redis_lb.backends = backends
+        async with serve_control_plane(settings, store) as harness, http_of(harness) as http:
+            await harness.template("desktop")
+            await harness.agent("redis-agent")
+            assert (await http.get("/ready")).status_code == 200
+            backends = take_away(redis_lb)
+            ready = await http.get("/ready")
+            assert ready.status_code == 503, ready.text
+            assert "redis unreachable" in ready.json()["problems"][0]
+            # The agent held here is served: its start goes through the store.
+            session = await harness.session()
+            await harness.wait_state(session.id, "running", timeout_s=10)
+            redis_lb.backends = backends
 
-                async def ready_again() -> bool:
-                    return (await http.get("/ready")).status_code == 200
+            async def ready_again() -> bool:
+                return (await http.get("/ready")).status_code == 200
 
-                await eventually(ready_again, timeout_s=10)
-        finally:
-            client = aioredis.Redis.from_url("redis://127.0.0.1:6379/0", decode_responses=True)
-            keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
-            if keys:
-                await client.delete(*keys)
-            await client.aclose()
+            await eventually(ready_again, timeout_s=10)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,6 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
-import redis.asyncio as aioredis
 from agentsim import Harness, Refused, bind, eventually, fast_settings, serve_control_plane
 from pydantic import SecretStr
 from test_vnc import RFB_VERSION, _ws_io, screen_of
@@ -60,10 +58,10 @@ class Replica:
 
 
 class Cluster:
-    """Starts replicas on one database and one Redis prefix; stops them all at the end."""
+    """Starts replicas on one database and one Redis redis_prefix; stops them all at the end."""
 
-    def __init__(self, dsn: str, prefix: str, root: Path) -> None:
-        self.dsn, self.prefix, self.root = dsn, prefix, root
+    def __init__(self, dsn: str, redis_prefix: str, root: Path) -> None:
+        self.dsn, self.redis_prefix, self.root = dsn, redis_prefix, root
         self.stack = contextlib.AsyncExitStack()
         self.replicas: dict[str, Replica] = {}
 
@@ -74,7 +72,7 @@ class Cluster:
             self.root / name,
             agent_hub_backend="redis",
             redis_url=REDIS_URL,
-            redis_key_prefix=self.prefix,
+            redis_key_prefix=self.redis_prefix,
             pod_name=name,
             internal_url=f"http://127.0.0.1:{port}",
             replica_timeout="1s",
@@ -117,21 +115,8 @@ class Cluster:
 
 
 @pytest_asyncio.fixture
-async def prefix() -> AsyncIterator[str]:
-    made = f"test-{secrets.token_hex(4)}:"
-    try:
-        yield made
-    finally:
-        client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
-        keys = [k async for k in client.scan_iter(match=f"{made}*")]
-        if keys:
-            await client.delete(*keys)
-        await client.aclose()
-
-
-@pytest_asyncio.fixture
-async def cluster(fresh_pg_dsn: str, prefix: str, tmp_path: Path) -> AsyncIterator[Cluster]:
-    made = Cluster(fresh_pg_dsn, prefix, tmp_path)
+async def cluster(fresh_pg_dsn: str, redis_prefix: str, tmp_path: Path) -> AsyncIterator[Cluster]:
+    made = Cluster(fresh_pg_dsn, redis_prefix, tmp_path)
     async with made.stack:
         for name in ("a", "b", "c"):
             await made.start(name)

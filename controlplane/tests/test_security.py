@@ -28,7 +28,6 @@ import apikit
 import httpx
 import pytest
 import pytest_asyncio
-import redis.asyncio as aioredis
 import uvicorn
 from agentsim import (
     WAIT_S,
@@ -956,20 +955,6 @@ def test_a_db_password_with_url_delimiters_is_not_echoed(tmp_path: Path) -> None
         streamspace_home=tmp_path, db_host="127.0.0.1", db_password=SecretStr(password)
     )
     assert_no_secrets(repr(PostgresStore(settings=settings)), {"DB_PASSWORD": password})
-
-
-@pytest_asyncio.fixture
-async def redis_prefix() -> AsyncIterator[str]:
-    """A Redis key prefix of this test's own; its keys are deleted afterwards."""
-    made = f"test-security-{secrets.token_hex(4)}:"
-    try:
-        yield made
-    finally:
-        client = aioredis.Redis.from_url(REDIS, decode_responses=True)
-        keys = [k async for k in client.scan_iter(match=f"{made}*")]
-        if keys:
-            await client.delete(*keys)
-        await client.aclose()
 
 
 async def _lines_until(stream: asyncio.StreamReader, marker: str, into: list[str]) -> None:
