@@ -13,11 +13,8 @@ cannot select it). Each session is a real TigerVNC ``Xvnc`` (320x240, no X clien
   viewers through ``/vnc/{id}`` (each reads the server's RFB banner and closes), so
   commands, events and tunnels come and go as well as agent sockets;
 - the control plane is sampled: open file descriptors (``/proc/<pid>/fd``), threads and
-  resident memory (``/proc/<pid>/status``), and the asyncio tasks of its event loop. The
-  control plane exposes no task count, so it runs as ``serve`` inside this script
-  (``--observed-control-plane``): the same CLI in the same process, plus one thread that
-  writes ``len(asyncio.all_tasks(loop))`` to a file every second (that thread is counted
-  in the thread figure, in the baseline as at the end).
+  resident memory (``/proc/<pid>/status``), and the asyncio tasks of its event loop
+  (``streamspace_event_loop_tasks`` on its ``/metrics``).
 
 The baseline is sampled after the sessions run and one round of churn and viewers; then
 before every restart, and at the end after one more round. Printed: a row per restart (the
@@ -36,15 +33,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
-import os
 import random
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,9 +77,6 @@ TEMPLATE = {
     ],
 }  # fmt: skip
 BODY = {"template": "soak"}
-SCRIPT = str(Path(__file__).resolve())
-OBSERVE_S = 1.0
-"""How often the observer thread writes the task count."""
 SETTLE_S = 5.0
 """Pause before the baseline and the end sample, so requests and commands have finished."""
 RECOVER_S = 120.0
@@ -93,38 +84,6 @@ RECOVER_S = 120.0
 SLACK = {"files": 2.0, "tasks": 2.0, "threads": 2.0}
 """How far above its baseline a count may end and still count as back."""
 RSS_SLACK_MIB, RSS_SLACK_SHARE = 5.0, 0.05
-
-
-# -- the control plane with an observer (its own process) ----------------------------------
-
-
-def observed_control_plane(tasks_file: Path) -> int:
-    """Run ``streamspace-controlplane serve`` here, with a thread writing the number of
-    unfinished asyncio tasks of its running event loop to ``tasks_file`` every second."""
-
-    def observe() -> None:
-        loop: asyncio.AbstractEventLoop | None = None
-        scratch = tasks_file.with_suffix(".tmp")
-        while True:
-            time.sleep(OBSERVE_S)
-            if loop is None or loop.is_closed():
-                loop = next(
-                    (
-                        o
-                        for o in gc.get_objects()
-                        if isinstance(o, asyncio.AbstractEventLoop) and o.is_running()
-                    ),
-                    None,
-                )
-                if loop is None:
-                    continue
-            scratch.write_text(str(len(asyncio.all_tasks(loop))))
-            os.replace(scratch, tasks_file)
-
-    threading.Thread(target=observe, name="bench task observer", daemon=True).start()
-    from streamspace_controlplane.cli import main
-
-    return main(["serve"])
 
 
 # -- the run (this process) ----------------------------------------------------------------
@@ -148,13 +107,11 @@ class Soak:
         self.root = root
         self.args = args
         self.log = (root / "processes.log").open("wb")
-        self.tasks_file = root / "tasks"
         self.cp = ControlPlane(
             root / "cp",
             self.log,
             database=database,
             env={"MAX_SESSIONS_PER_USER": str(args.sessions + 10)},
-            argv=[sys.executable, SCRIPT, "--observed-control-plane", str(self.tasks_file)],
         )
         self.state_dir = root / "agent-state"
         self.health_port = free_port()
@@ -262,9 +219,14 @@ class Soak:
                 return isinstance(banner, bytes) and banner.startswith(b"RFB ")
         return False
 
-    def sample(self) -> Sample:
+    async def sample(self) -> Sample:
+        assert self.http is not None
         pid = self.cp.pid
-        tasks = int(self.tasks_file.read_text()) if self.tasks_file.exists() else -1
+        tasks = -1
+        metrics = await self.http.get("/metrics")
+        for line in metrics.text.splitlines():
+            if line.startswith("streamspace_event_loop_tasks "):
+                tasks = int(float(line.split()[1]))
         return Sample(proc_fds(pid), proc_threads(pid), tasks, proc_status_mib(pid))
 
     async def close(self) -> None:
@@ -316,7 +278,7 @@ async def run(args: argparse.Namespace) -> None:
         )
         await soak.cycle_work()
         await asyncio.sleep(SETTLE_S)
-        base = soak.sample()
+        base = await soak.sample()
         heads = f"{'files':>7}{'threads':>9}{'tasks':>7}{'RSS MiB':>10}"
         print(f"{'':>4}{'t s':>7}  {'signal':<8}{'recovered s':>12}  {heads}")
         print(f"{'base':>4}{0:>7.0f}  {'':<8}{'':>12}  {base.row()}")
@@ -326,7 +288,7 @@ async def run(args: argparse.Namespace) -> None:
             await asyncio.sleep(
                 max(0.0, start + (i + 1) * args.restart_every - time.perf_counter())
             )
-            before = soak.sample()
+            before = await soak.sample()
             sig = signals[i % len(signals)]
             recovered = await soak.restart_agent(sig)
             elapsed = time.perf_counter() - start
@@ -336,7 +298,7 @@ async def run(args: argparse.Namespace) -> None:
             )
         await soak.cycle_work()
         await asyncio.sleep(SETTLE_S)
-        end = soak.sample()
+        end = await soak.sample()
         elapsed = time.perf_counter() - start
         print(f"{'end':>4}{elapsed:>7.0f}  {'':<8}{'':>12}  {end.row()}")
         print(
@@ -384,10 +346,7 @@ def main() -> None:
     parser.add_argument("--viewers", type=int, default=5, help="VNC viewers opened per cycle")
     parser.add_argument("--postgres", action="store_true", help="PostgreSQL on 127.0.0.1:5432")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--observed-control-plane", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.observed_control_plane is not None:
-        sys.exit(observed_control_plane(args.observed_control_plane))
     if shutil.which("Xvnc") is None:
         raise SystemExit("Xvnc not found: apt-get install tigervnc-standalone-server")
     asyncio.run(run(args))

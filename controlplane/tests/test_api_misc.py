@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -89,6 +90,30 @@ async def test_metrics_refresh_from_the_store(store: Store, tmp_path: Path) -> N
         assert 'streamspace_agents{status="online"} 1.0' in text
         assert 'streamspace_agents{status="offline"} 0.0' in text
         assert "streamspace_command_round_trip_seconds" in text
+
+
+@pytest.mark.asyncio
+async def test_metrics_count_the_event_loops_tasks_and_the_process(
+    store: Store, tmp_path: Path
+) -> None:
+    """A soak reads leaks off /metrics: the loop's tasks, open files and memory."""
+    async with apikit.running(store, tmp_path) as api:
+        before = _gauge((await api.client.get("/metrics")).text, "streamspace_event_loop_tasks")
+        parked = [asyncio.create_task(asyncio.Event().wait()) for _ in range(5)]
+        try:
+            text = (await api.client.get("/metrics")).text
+        finally:
+            for task in parked:
+                task.cancel()
+        assert _gauge(text, "streamspace_event_loop_tasks") >= before + 5
+        assert _gauge(text, "process_open_fds") > 0
+        assert _gauge(text, "process_resident_memory_bytes") > 0
+
+
+def _gauge(text: str, name: str) -> float:
+    values = [line.split()[1] for line in text.splitlines() if line.startswith(name + " ")]
+    assert len(values) == 1, f"{name} not exactly once in /metrics"
+    return float(values[0])
 
 
 # -- errors ------------------------------------------------------------------------------

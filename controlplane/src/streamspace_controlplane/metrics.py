@@ -6,7 +6,16 @@ between apps.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import asyncio
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 
 __all__ = ["Metrics"]
 
@@ -16,6 +25,12 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)  # process_open_fds, resident memory, CPU
+        Gauge(
+            "streamspace_event_loop_tasks",
+            "Unfinished asyncio tasks of the serving event loop (a leak shows here first).",
+            registry=self.registry,
+        ).set_function(_loop_tasks)
         self.agents = Gauge(
             "streamspace_agents", "Agents by status.", ["status"], registry=self.registry
         )
@@ -70,3 +85,10 @@ class Metrics:
     def render(self) -> bytes:
         """Return the text exposition format."""
         return generate_latest(self.registry)
+
+
+def _loop_tasks() -> float:
+    try:
+        return float(len(asyncio.all_tasks()))
+    except RuntimeError:  # rendered outside the event loop
+        return float("nan")

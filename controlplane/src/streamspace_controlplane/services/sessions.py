@@ -90,8 +90,10 @@ about that long, so a slot is likely free by then."""
 
 
 class _StartSlot:
-    """Counts a creation in progress here from its check to its insert, so that a burst
-    of concurrent requests on one replica sees itself in the count."""
+    """Counts a creation in progress here from its first read to its answer, so that a
+    burst of concurrent requests on one replica sees itself in the count, and is refused
+    without a store read once this replica alone has ``MAX_CONCURRENT_STARTS`` in flight.
+    """
 
     def __init__(self, cp: ControlPlane) -> None:
         self._cp = cp
@@ -100,6 +102,8 @@ class _StartSlot:
         cp = self._cp
         limit = cp.settings.max_concurrent_starts
         in_flight = int(cp.extras.get(_IN_FLIGHT, 0))
+        if limit and in_flight >= limit:
+            raise _too_many_starts(in_flight, limit)
         cp.extras[_IN_FLIGHT] = in_flight + 1
         if not limit:
             return
@@ -110,16 +114,20 @@ class _StartSlot:
             raise
         if starting >= limit:
             cp.extras[_IN_FLIGHT] = int(cp.extras[_IN_FLIGHT]) - 1
-            raise ApiError(
-                429,
-                "too_many_starts",
-                f"{starting} sessions are starting and at most {limit} may start at once "
-                f"(MAX_CONCURRENT_STARTS); retry in {RETRY_AFTER_S}s",
-                {"Retry-After": str(RETRY_AFTER_S)},
-            )
+            raise _too_many_starts(starting, limit)
 
     async def __aexit__(self, *exc: object) -> None:
         self._cp.extras[_IN_FLIGHT] = int(self._cp.extras[_IN_FLIGHT]) - 1
+
+
+def _too_many_starts(starting: int, limit: int) -> ApiError:
+    return ApiError(
+        429,
+        "too_many_starts",
+        f"{starting} sessions are starting and at most {limit} may start at once "
+        f"(MAX_CONCURRENT_STARTS); retry in {RETRY_AFTER_S}s",
+        {"Retry-After": str(RETRY_AFTER_S)},
+    )
 
 
 def new_session_id() -> str:
@@ -173,15 +181,26 @@ async def create_session(
             sessions are being started.
     """
     owner = user or actor.username
-    if owner != actor.username:
-        if actor.role != "admin":
-            raise ApiError(403, "forbidden", "only admins may start sessions for other users")
-        if await cp.store.get_user(owner) is None:
-            raise ApiError(422, "validation_error", f"no user {owner!r} to own the session")
+    if owner != actor.username and actor.role != "admin":
+        raise ApiError(403, "forbidden", "only admins may start sessions for other users")
+    async with _StartSlot(cp):
+        return await _create(cp, actor, owner, template, region, labels)
+
+
+async def _create(
+    cp: ControlPlane,
+    actor: Principal,
+    owner: str,
+    template: str,
+    region: str | None,
+    labels: dict[str, str] | None,
+) -> Session:
+    if owner != actor.username and await cp.store.get_user(owner) is None:
+        raise ApiError(422, "validation_error", f"no user {owner!r} to own the session")
     snapshot = await cp.store.get_template(template)
     if snapshot is None:
         raise ApiError(422, "validation_error", f"no template {template!r}")
-    async with _StartSlot(cp), _quota_lock(cp, owner):
+    async with _quota_lock(cp, owner):
         await _check_quota(cp, actor, owner)
         created: Session | None = None
         for _ in range(3):  # an id collision is astronomically rare; retry anyway
