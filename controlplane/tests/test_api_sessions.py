@@ -449,6 +449,46 @@ async def test_a_burst_past_max_concurrent_starts_gets_429_with_retry_after(
 
 
 @pytest.mark.asyncio
+async def test_creations_in_flight_past_the_limit_are_refused_without_a_store_read(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst is shed at once: it does not queue behind the store it would load."""
+    async with apikit.running(
+        store, tmp_path, max_sessions_per_user=100, max_concurrent_starts=2
+    ) as api:
+        await api.template()
+        bob = await api.user("bob")
+        reads, release, both_counted = 0, asyncio.Event(), asyncio.Event()
+        get_template, count_sessions = store.get_template, store.count_sessions
+
+        async def held_get_template(name: str) -> Any:
+            await release.wait()
+            return await get_template(name)
+
+        async def counted(**kwargs: Any) -> int:
+            nonlocal reads
+            reads += 1
+            if reads == 2:
+                both_counted.set()
+            return await count_sessions(**kwargs)
+
+        monkeypatch.setattr(store, "get_template", held_get_template)
+        monkeypatch.setattr(store, "count_sessions", counted)
+
+        def create() -> Any:
+            return api.client.post("/api/v1/sessions", json={"template": "firefox"}, headers=bob)
+
+        held = [asyncio.create_task(create()) for _ in range(2)]
+        await asyncio.wait_for(both_counted.wait(), 10)  # both counted, both held
+        refused = await create()
+        assert_error(refused, 429, "too_many_starts")
+        assert refused.headers["Retry-After"] == "2"
+        assert reads == 2
+        release.set()
+        assert [r.status_code for r in await asyncio.gather(*held)] == [201, 201]
+
+
+@pytest.mark.asyncio
 async def test_max_concurrent_starts_zero_means_no_limit(store: Store, tmp_path: Path) -> None:
     async with apikit.running(
         store, tmp_path, max_sessions_per_user=100, max_concurrent_starts=0
