@@ -14,8 +14,16 @@ one PostgreSQL database made for the run, one Redis key prefix), the TCP target 
   socket → viewer) against B (agent socket → A → internal socket → B → viewer), best and
   median of ``--repeat``, interleaved; and ``--echoes`` round trips of 64 bytes.
 
+- **Failover**: the first agent stops; a second connects through a ``TcpBalancer`` over
+  A and B (as through a Service). ``--failovers`` times, the replica holding it (and
+  leading, at first) is SIGKILLed and a session start is requested on the other at once:
+  the time until it runs there is the failover (the agent reconnects, the survivor takes
+  the leader lease after ``REPLICA_TIMEOUT``, here ``--replica-timeout``, and places the
+  start). The dead replica is then started again. Against a start requested on the
+  replica not holding the agent while both live.
+
 Ratios are B over A, measured in the same run. Usage:
-``python bench/multipod.py [--starts 40] [--stream-mib 64] [--repeat 3]``
+``python bench/multipod.py [--starts 40] [--stream-mib 64] [--repeat 3] [--failovers 4]``
 (PostgreSQL on 127.0.0.1:5432 with trust auth, Redis on 127.0.0.1:6379).
 """
 
@@ -39,8 +47,11 @@ import redis.asyncio as aioredis
 from _common import base_env, free_port, quantiles, stop_process, wait_ready
 from vnc_relay import MB, MIB, SCRIPT, Opener, round_trips, throughput, ws_opener
 
+from streamspace_sdk.testing import TcpBalancer
+
 ADMIN_PASSWORD = "bench-admin-password"
 AGENT_ID = "bench-multipod-agent"
+FAILOVER_AGENT_ID = "bench-failover-agent"
 PG = "postgresql://postgres@127.0.0.1:5432"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 TEMPLATE = {"name": "bench", "display_name": "Bench", "platform": "memory"}
@@ -65,6 +76,23 @@ async def start_to_running(http: httpx.AsyncClient) -> float:
     return elapsed
 
 
+async def agent_status(
+    http: httpx.AsyncClient,
+    agent_id: str,
+    status: str,
+    proc: asyncio.subprocess.Process | None = None,
+) -> None:
+    """Wait until the control plane shows ``agent_id`` with ``status`` (60 s at most)."""
+    for _ in range(600):
+        r = await http.get(f"/api/v1/agents/{agent_id}")
+        if r.status_code == 200 and r.json()["status"] == status:
+            return
+        if proc is not None and proc.returncode is not None:
+            raise SystemExit(f"agent {agent_id} exited with {proc.returncode}")
+        await asyncio.sleep(0.1)  # another process: nothing to await but its state
+    raise SystemExit(f"agent {agent_id} not {status} within 60 s")
+
+
 async def run(args: argparse.Namespace) -> None:
     root = Path(tempfile.mkdtemp(prefix="ss-bench-multipod-"))
     database = f"streamspace_bench_{secrets.token_hex(4)}"
@@ -85,8 +113,11 @@ async def run(args: argparse.Namespace) -> None:
         target_port = free_port()
         await spawn(sys.executable, SCRIPT, "--target", str(target_port), env=base_env())
         ports = {"a": free_port(), "b": free_port()}
-        for name, port in ports.items():  # A first: it migrates and leads
-            server = await spawn(
+        servers: dict[str, asyncio.subprocess.Process] = {}
+
+        async def serve(name: str) -> None:
+            port = ports[name]
+            servers[name] = server = await spawn(
                 sys.executable,
                 "-m",
                 "streamspace_controlplane.cli",
@@ -107,9 +138,13 @@ async def run(args: argparse.Namespace) -> None:
                     "ADMIN_PASSWORD": ADMIN_PASSWORD,
                     "JWT_SECRET": "m" * 48,
                     "MAX_SESSIONS_PER_USER": "1000",
+                    "REPLICA_TIMEOUT": f"{args.replica_timeout}s",
                 },
             )
             await wait_ready(f"http://127.0.0.1:{port}/ready", server, f"control plane {name}")
+
+        for name in ports:  # A first: it migrates and leads
+            await serve(name)
         clients = {
             name: httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60)
             for name, port in ports.items()
@@ -122,28 +157,23 @@ async def run(args: argparse.Namespace) -> None:
             http.headers["Authorization"] = f"Bearer {login.json()['token']}"
         a, b = clients["a"], clients["b"]
         (await a.post("/api/v1/templates", json=TEMPLATE)).raise_for_status()
-        token = await a.post(f"/api/v1/agents/{AGENT_ID}/tokens")
-        token.raise_for_status()
-        agent = await spawn(
-            sys.executable,
-            SCRIPT,
-            "--agent",
-            str(target_port),
-            "--agent-id",
-            AGENT_ID,
-            env=base_env()
-            | {
-                "CONTROL_PLANE_URL": f"ws://127.0.0.1:{ports['a']}",
-                "AGENT_TOKEN": token.json()["token"],
-            },
-        )
-        for _ in range(600):
-            r = await b.get(f"/api/v1/agents/{AGENT_ID}")
-            if r.status_code == 200 and r.json()["status"] == "online":
-                break
-            if agent.returncode is not None:
-                raise SystemExit(f"the agent exited with {agent.returncode}")
-            await asyncio.sleep(0.1)  # another process: nothing to await but its state
+
+        async def start_agent(agent_id: str, url: str) -> asyncio.subprocess.Process:
+            token = await a.post(f"/api/v1/agents/{agent_id}/tokens")
+            token.raise_for_status()
+            agent = await spawn(
+                sys.executable,
+                SCRIPT,
+                "--agent",
+                str(target_port),
+                "--agent-id",
+                agent_id,
+                env=base_env() | {"CONTROL_PLANE_URL": url, "AGENT_TOKEN": token.json()["token"]},
+            )
+            await agent_status(b, agent_id, "online", agent)
+            return agent
+
+        agent = await start_agent(AGENT_ID, f"ws://127.0.0.1:{ports['a']}")
 
         starts: dict[str, list[float]] = {"a": [], "b": []}
         for name in ("a", "b"):
@@ -180,6 +210,20 @@ async def run(args: argparse.Namespace) -> None:
             name: quantiles(await round_trips(open_, args.echoes, 64))
             for name, open_ in paths.items()
         }
+
+        await stop_process(agent)  # it says goodbye: the scheduler places nothing on it
+        await agent_status(b, AGENT_ID, "offline")
+        failovers: list[float] = []
+        async with TcpBalancer([("127.0.0.1", ports["a"]), ("127.0.0.1", ports["b"])]) as lb:
+            await start_agent(FAILOVER_AGENT_ID, f"ws://127.0.0.1:{lb.port}")
+            crossing = [await start_to_running(b) for _ in range(args.starts // 4 or 1)]
+            holder, survivor = "a", "b"
+            for _ in range(args.failovers):
+                servers[holder].kill()
+                await servers[holder].wait()
+                failovers.append(await start_to_running(clients[survivor]))
+                await serve(holder)
+                holder, survivor = survivor, holder
         for http in clients.values():
             await http.aclose()
 
@@ -209,6 +253,19 @@ async def run(args: argparse.Namespace) -> None:
             f"other / same replica: throughput {other / same:.2f}x (median), "
             f"RTT p50 {rtt_other / rtt_same:.2f}x"
         )
+        base = statistics.median(crossing)
+        print(
+            f"failover: SIGKILL of the replica holding the agent, a start requested at once "
+            f"on the other, x{args.failovers} (REPLICA_TIMEOUT={args.replica_timeout:g}s)"
+        )
+        print(
+            f"  to running   min {min(failovers):.2f} s  median "
+            f"{statistics.median(failovers):.2f} s  max {max(failovers):.2f} s"
+        )
+        print(
+            f"  against a start crossing replicas while both live: median {base * 1000:.1f} ms; "
+            f"bound REPLICA_TIMEOUT + 1 s = {args.replica_timeout + 1:g} s"
+        )
     finally:
         for proc in reversed(procs):
             await stop_process(proc)
@@ -229,6 +286,8 @@ def main() -> None:
     parser.add_argument("--stream-mib", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--echoes", type=int, default=1000)
+    parser.add_argument("--failovers", type=int, default=4)
+    parser.add_argument("--replica-timeout", type=float, default=3.0, help="seconds")
     asyncio.run(run(parser.parse_args()))
 
 
