@@ -54,7 +54,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Origin
 
-from streamspace_controlplane import _redact, auth
+from streamspace_controlplane import auth
 from streamspace_controlplane.app import create_app
 from streamspace_controlplane.cli import main as controlplane_main
 from streamspace_controlplane.core import ControlPlane
@@ -69,7 +69,7 @@ from streamspace_controlplane.services.vnc import VncTokens
 from streamspace_controlplane.settings import ControlPlaneSettings
 from streamspace_controlplane.store.base import Store
 from streamspace_controlplane.store.postgres import PostgresStore
-from streamspace_sdk import AgentSettings
+from streamspace_sdk import AgentSettings, redact
 from streamspace_sdk.cli import main as agent_main
 from streamspace_sdk.errors import ConfigError
 from streamspace_sdk.hooks import Principal
@@ -147,7 +147,7 @@ def debug_logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Capture]:
     for logger in loggers:
         logger.addHandler(capture)
         logger.setLevel(logging.DEBUG)
-    _redact.install()
+    redact.install()
     try:
         yield capture
     finally:

@@ -11,10 +11,10 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import uvicorn
 
-from streamspace_controlplane import _redact
 from streamspace_controlplane.app import build_control_plane, create_app
 from streamspace_controlplane.core import ControlPlane
 from streamspace_controlplane.settings import ControlPlaneSettings, load_settings
+from streamspace_sdk import redact
 from streamspace_sdk.cli import show_plugins
 from streamspace_sdk.drivers import HOOKS, HUBS, LEASES, PLATFORMS, STORES, TRANSPORTS
 from streamspace_sdk.errors import StreamSpaceError
@@ -48,7 +48,7 @@ def server_config(cp: ControlPlane) -> uvicorn.Config:
         log_level=cp.settings.log_level.lower(),
         proxy_headers=True,
     )
-    _redact.install()  # uvicorn logs WebSocket URLs; VNC and stream tokens ride in them
+    redact.install()  # uvicorn logs WebSocket URLs; VNC and stream tokens ride in them
     return config
 
 

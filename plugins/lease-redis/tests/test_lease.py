@@ -23,7 +23,7 @@ from conftest import (
 from pydantic import SecretStr
 
 from streamspace_lease_redis import RedisLease
-from streamspace_lease_redis.lease import _LUA_HELPERS, _redact_url
+from streamspace_lease_redis.lease import _LUA_HELPERS
 from streamspace_sdk import drivers
 from streamspace_sdk.errors import ConfigError, LeaseError, LeaseLost
 from streamspace_sdk.lease import Lease
@@ -335,19 +335,6 @@ def test_empty_lease_key_is_a_config_error() -> None:
 def test_other_settings_are_refused() -> None:
     with pytest.raises(ConfigError, match=r"RedisLease\.Settings"):
         RedisLease(Lease.Settings())
-
-
-@pytest.mark.parametrize(
-    ("url", "shown"),
-    [
-        ("redis://:s3cret@h:6379/0", "redis://:***@h:6379/0"),
-        ("rediss://user:s3cret@h/1?ssl_cert_reqs=none", "rediss://user:***@h/1?ssl_cert_reqs=none"),
-        ("redis://h:6379?password=s3cret&db=2", "redis://h:6379?password=***&db=2"),
-        ("redis://h:6379/0", "redis://h:6379/0"),
-    ],
-)
-def test_redact_url(url: str, shown: str) -> None:
-    assert _redact_url(url) == shown
 
 
 @pytest.mark.asyncio

@@ -5,14 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 
-from websockets.frames import Frame, Opcode
-
-from streamspace_sdk import drivers, protocol
+from streamspace_sdk import drivers, protocol, redact
 from streamspace_sdk.agent import Agent
 from streamspace_sdk.errors import StreamSpaceError
 from streamspace_sdk.settings import AgentSettings, load_settings
@@ -39,59 +36,6 @@ def show_plugins(groups: list[str] | None = None, *, as_json: bool = False) -> i
     return 1 if any(i.error for i in infos) else 0
 
 
-_WIRE_LOGGER = "websockets.client"
-"""Where the WebSocket library traces the sockets the agent dials, at DEBUG."""
-_SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
-_HEADER_FORMATS = frozenset({"< %s: %s", "> %s: %s"})
-_STREAM_PATH = re.compile(r"(/api/v1/agents/vnc/)[^\s?/]+")
-_REDACTED = "[redacted]"
-
-
-class _FrameSummary:
-    """A traced frame's kind and size, instead of its payload."""
-
-    def __init__(self, frame: Frame) -> None:
-        self._frame = frame
-
-    def __str__(self) -> str:
-        if self._frame.opcode in (Opcode.CLOSE, Opcode.PING, Opcode.PONG):
-            return str(self._frame)
-        return f"{self._frame.opcode.name} [{len(self._frame.data)} bytes, payload not logged]"
-
-
-class _WireRedactor(logging.Filter):
-    """Keeps the agent token (the handshake's ``Authorization``), stream tokens (in a
-    ``ws-dedicated`` dial's path and in ``vnc.open`` frames) and VNC bytes (what users
-    type) out of the WebSocket library's DEBUG traces."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            args = tuple(_redact_arg(a) for a in record.args)
-            if (
-                record.msg in _HEADER_FORMATS
-                and len(args) == 2
-                and str(args[0]).lower() in _SECRET_HEADERS
-            ):
-                args = (args[0], _REDACTED)
-            record.args = args
-        return True
-
-
-def _redact_arg(arg: object) -> object:
-    if isinstance(arg, Frame):
-        return _FrameSummary(arg)
-    if isinstance(arg, str):
-        return _STREAM_PATH.sub(lambda m: m.group(1) + _REDACTED, arg)
-    return arg
-
-
-def _redact_wire_traces() -> None:
-    """Install :class:`_WireRedactor` (once) where the agent's sockets are traced."""
-    logger = logging.getLogger(_WIRE_LOGGER)
-    if not any(isinstance(f, _WireRedactor) for f in logger.filters):
-        logger.addFilter(_WireRedactor())
-
-
 def _plugins(args: argparse.Namespace) -> int:
     return show_plugins([args.group] if args.group else None, as_json=args.json)
 
@@ -101,7 +45,7 @@ def _run(_args: argparse.Namespace) -> int:
     try:
         settings = load_settings(AgentSettings)
         logging.basicConfig(level=settings.log_level, format="%(levelname)s: %(message)s")
-        _redact_wire_traces()  # LOG_LEVEL=DEBUG traces the handshake and every frame
+        redact.install()  # at DEBUG, the WebSocket library traces handshakes and frames
         agent = Agent(settings)
         agent.run()
     except StreamSpaceError as exc:  # a bad setting, a missing driver, a taken HEALTH_PORT

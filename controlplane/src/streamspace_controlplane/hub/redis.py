@@ -29,7 +29,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import ClassVar, TypeVar, get_args
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -38,6 +38,7 @@ from streamspace_controlplane.hub.base import AgentConnection, HubUnavailable, N
 from streamspace_controlplane.hub.memory import MemoryHub
 from streamspace_controlplane.settings import ControlPlaneSettings
 from streamspace_sdk.errors import ConfigError
+from streamspace_sdk.redact import redact_url
 
 __all__ = ["RedisHub"]
 
@@ -74,15 +75,6 @@ return 0
 """
 
 
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 class RedisHub(MemoryHub):
     """Agents connected to this replica, and the other replicas, through Redis.
 
@@ -112,7 +104,7 @@ class RedisHub(MemoryHub):
                 f"REDIS_URL: must be a redis://, rediss:// or unix:// URL, not {scheme or 'no'} "
                 "scheme"
             )
-        self.redis_url = _redact(secret)
+        self.redis_url = redact_url(secret)
         """``REDIS_URL`` without its password, for messages."""
         self.url = settings.replica_url()
         self.agent_ttl_s = settings.agent_heartbeat_timeout

@@ -19,7 +19,7 @@ import contextlib
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
@@ -30,6 +30,7 @@ from redis.backoff import NoBackoff
 from streamspace_sdk.clock import Clock
 from streamspace_sdk.errors import ConfigError, LeaseError, LeaseLost
 from streamspace_sdk.lease import Lease, LeaseRecord
+from streamspace_sdk.redact import redact_url
 from streamspace_sdk.settings import StreamSpaceSettings, driver_settings
 
 __all__ = ["RedisLease"]
@@ -125,17 +126,6 @@ return 1
 )
 
 
-def _redact_url(url: str) -> str:
-    """Return ``url`` with its password (in the user part or the query) replaced by ``***``."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if parts.password is not None:
-        user = parts.username or ""
-        netloc = f"{user}:***@{netloc.rpartition('@')[2]}"
-    query = [(k, "***" if k == "password" else v) for k, v in parse_qsl(parts.query)]
-    return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query, safe="*/")))
-
-
 class RedisLease(Lease):
     """A lease on a shared Redis (5.0 or newer; not Redis Cluster): HA across hosts.
 
@@ -186,7 +176,7 @@ class RedisLease(Lease):
         super().__init__(settings, clock=clock)
         self.config: RedisLease.Settings = settings
         secret = settings.redis_url.get_secret_value()
-        self.url = _redact_url(secret)
+        self.url = redact_url(secret)
         """``REDIS_URL`` without its password, for messages."""
         self.key = f"lease:{settings.lease_key}"
         """The Redis key of the lease record."""

@@ -1,24 +1,25 @@
-"""Keep one-time secrets and session contents out of the logs ``serve`` writes.
+"""Keep credentials and session contents out of logs.
 
-uvicorn logs the path and query of every WebSocket it accepts or refuses: a viewer's
-``/vnc/{id}?token=...`` and an agent's ``/api/v1/agents/vnc/{stream_token}`` would put
-live tokens in the logs. At ``LOG_LEVEL=DEBUG`` the WebSocket library also traces every
-handshake header (an agent's ``Authorization: Bearer`` token, a relay ticket) and every
-frame (``vnc.open`` carries a stream token, and VNC bytes carry what the user types), on
-uvicorn's logger for the server side and on ``websockets.client`` for the sockets this
-process dials. :class:`TokenRedactor` rewrites those records before any handler sees them:
-tokens become ``[redacted]``, credential headers lose their value, and a frame shows only
-its kind, its message ``type`` and its size.
+Both the agent and the control plane log WebSocket activity they do not format
+themselves: uvicorn logs the path and query of every socket it accepts (a viewer's
+``/vnc/{id}?token=...``, an agent's ``/api/v1/agents/vnc/{stream_token}``), and at
+``LOG_LEVEL=DEBUG`` the WebSocket library traces every handshake header (an agent's
+``Authorization: Bearer`` token, a relay ticket) and every frame (``vnc.open`` carries a
+stream token; VNC bytes carry what the user types). :class:`TokenRedactor` rewrites such
+records before any handler sees them; :func:`install` puts it on the loggers that need it.
+:func:`redact_url` hides the password of a URL that is shown in settings or errors.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from websockets.frames import Frame, Opcode
 
-__all__ = ["REDACTED", "TokenRedactor", "install", "redact"]
+__all__ = ["LOGGERS", "REDACTED", "TokenRedactor", "install", "redact", "redact_url"]
 
 REDACTED = "[redacted]"
 
@@ -27,7 +28,6 @@ _PATTERNS = (
     re.compile(r"(/api/v1/agents/vnc/)[^\s\"'?/]+"),
     re.compile(r"(?i)(\bbearer\s+)[^\s\"',]+"),
 )
-_LOGGERS = ("uvicorn.error", "uvicorn.access", "websockets.client")
 _SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
 _HEADER_FORMATS = frozenset({"< %s: %s", "> %s: %s"})
 """How the WebSocket library logs one header of a handshake it traces."""
@@ -36,10 +36,21 @@ _MESSAGE_TYPE = re.compile(r'^\s*\{\s*"type"\s*:\s*"([A-Za-z0-9._-]{1,64})"')
 
 def redact(text: str) -> str:
     """Return ``text`` with token query values, stream tokens in paths and bearer
-    credentials replaced."""
+    credentials replaced by :data:`REDACTED`."""
     for pattern in _PATTERNS:
         text = pattern.sub(lambda m: m.group(1) + REDACTED, text)
     return text
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` with its password (in the user part or a ``password`` query
+    parameter) replaced by ``***``."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
+    query = [(k, "***" if k == "password" else v) for k, v in parse_qsl(parts.query)]
+    return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query, safe="*/")))
 
 
 class _FrameSummary:
@@ -65,7 +76,8 @@ class _FrameSummary:
 class TokenRedactor(logging.Filter):
     """A filter that redacts tokens in a record's message and its string arguments (kept
     as arguments: uvicorn's access formatter unpacks them), the values of credential
-    headers and the payloads of traced WebSocket frames."""
+    headers, and the payloads of traced WebSocket frames (only the kind, the message
+    ``type`` and the size remain)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, str):
@@ -90,10 +102,18 @@ def _redact_arg(arg: object) -> object:
     return arg
 
 
-def install() -> None:
-    """Add the filter to uvicorn's loggers and to the WebSocket client's (once; after
-    uvicorn configured its logging)."""
-    for name in _LOGGERS:
+LOGGERS = ("uvicorn.error", "uvicorn.access", "websockets.client")
+"""Where WebSocket URLs, handshakes and frames are logged: uvicorn's loggers for sockets
+a process serves, the WebSocket library's client logger for sockets it dials."""
+
+
+def install(logger_names: Iterable[str] = LOGGERS) -> None:
+    """Add a :class:`TokenRedactor` to each named logger that has none yet.
+
+    Filters on a logger apply to records logged there, not to its children's: name the
+    exact loggers, after whatever configures them (uvicorn configures its own on start).
+    """
+    for name in logger_names:
         logger = logging.getLogger(name)
         if not any(isinstance(f, TokenRedactor) for f in logger.filters):
             logger.addFilter(TokenRedactor())
