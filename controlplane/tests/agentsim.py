@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import uvicorn
 import websockets
 from websockets.asyncio.client import ClientConnection
@@ -485,6 +486,19 @@ class Harness:
             ) from None
         finally:
             self.cp.events.unsubscribe(session_id, events)
+
+    @contextlib.asynccontextmanager
+    async def http(self, timeout_s: float = WAIT_S) -> AsyncIterator[httpx.AsyncClient]:
+        """Yield an HTTP client of the REST API, logged in as the bootstrap admin."""
+        base = "http" + self.url.removeprefix("ws")
+        async with httpx.AsyncClient(base_url=base, timeout=timeout_s) as http:
+            login = await http.post(
+                "/api/v1/auth/login",
+                json={"username": "admin", "password": "admin-password-for-tests"},
+            )
+            assert login.status_code == 200, login.text
+            http.headers["Authorization"] = f"Bearer {login.json()['token']}"
+            yield http
 
     async def close(self) -> None:
         """Close every agent."""

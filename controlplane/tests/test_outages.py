@@ -13,15 +13,12 @@ server other tests use. Expected outcomes:
 
 from __future__ import annotations
 
-import contextlib
 import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-import httpx
 import pytest
-from agentsim import Harness, eventually, fast_settings, serve_control_plane
+from agentsim import eventually, fast_settings, serve_control_plane
 
 from streamspace_controlplane.store.postgres import PostgresStore
 from streamspace_controlplane.store.sqlite import SqliteStore
@@ -43,19 +40,6 @@ def take_away(balancer: TcpBalancer) -> list[tuple[str, int]]:
     return backends
 
 
-@contextlib.asynccontextmanager
-async def http_of(harness: Harness) -> AsyncIterator[httpx.AsyncClient]:
-    base = "http" + harness.url.removeprefix("ws")
-    async with httpx.AsyncClient(base_url=base, timeout=10) as http:
-        login = await http.post(
-            "/api/v1/auth/login",
-            json={"username": "admin", "password": "admin-password-for-tests"},
-        )
-        assert login.status_code == 200, login.text
-        http.headers["Authorization"] = f"Bearer {login.json()['token']}"
-        yield http
-
-
 @pytest.mark.asyncio
 async def test_postgresql_away_and_back(fresh_pg_dsn: str, tmp_path: Path) -> None:
     parts = urlsplit(fresh_pg_dsn)
@@ -64,7 +48,7 @@ async def test_postgresql_away_and_back(fresh_pg_dsn: str, tmp_path: Path) -> No
         store = PostgresStore(through)
         async with (
             serve_control_plane(fast_settings(tmp_path / "home"), store) as harness,
-            http_of(harness) as http,  # once it answers, its lifespan has connected the store
+            harness.http() as http,  # once it answers, its lifespan has connected the store
         ):
             await harness.template("desktop")
             sim = await harness.agent("pg-agent")
@@ -108,7 +92,7 @@ async def test_redis_away_and_back(
             internal_url="http://127.0.0.1:9",
         )
         store = SqliteStore(sqlite_store_path)
-        async with serve_control_plane(settings, store) as harness, http_of(harness) as http:
+        async with serve_control_plane(settings, store) as harness, harness.http() as http:
             await harness.template("desktop")
             await harness.agent("redis-agent")
             assert (await http.get("/ready")).status_code == 200

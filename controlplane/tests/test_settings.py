@@ -13,6 +13,7 @@ from streamspace_controlplane.settings import (
     ControlPlaneSettings,
     load_settings,
 )
+from streamspace_controlplane.store.postgres import PostgresStore
 from streamspace_sdk.errors import ConfigError
 
 
@@ -159,3 +160,13 @@ def test_secrets_are_redacted(tmp_path: Path) -> None:
     shown = repr(settings) + str(settings.model_dump())
     for secret in ("j" * 40, "hunter2hunter2", "dbpass-secret"):
         assert secret not in shown
+
+
+def test_database_timeout_bounds_the_postgres_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert PostgresStore("postgresql://u@db/x").timeout_s == 10.0
+    monkeypatch.setenv("DB_HOST", "db")
+    monkeypatch.setenv("DATABASE_TIMEOUT", "250ms")
+    assert PostgresStore(settings=load_settings(ControlPlaneSettings)).timeout_s == 0.25
+    monkeypatch.setenv("DATABASE_TIMEOUT", "0s")
+    with pytest.raises(ConfigError, match="DATABASE_TIMEOUT"):
+        load_settings(ControlPlaneSettings)

@@ -45,6 +45,11 @@ class ControlPlaneSettings(StreamSpaceSettings):
     """PostgreSQL password."""
     db_driver: str | None = None
     """Store driver in ``streamspace.stores``: ``postgres`` with DB_HOST, else ``sqlite``."""
+    database_timeout: Annotated[Duration, Field(gt=0)] = 10.0
+    """Longest one PostgreSQL statement, or the wait for a pooled connection, may take
+    before the request fails with 503: a database that stops answering (a dead host, a
+    lost route) must not hold requests forever. Ten seconds is far beyond any of the
+    store's queries, and below the usual 30 s or 60 s of a proxy in front."""
 
     jwt_secret: SecretStr | None = None
     """HS256 key for user tokens; at least 32 characters. Generated and kept on SQLite."""

@@ -38,6 +38,13 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
 )
 """Connection failures worth retrying: the server is starting, full or not up yet."""
 
+_MIGRATION_TIMEOUT_S = 3600.0
+"""Bound on each statement of ``migrate()``, instead of ``DATABASE_TIMEOUT``: a migration
+may rewrite a big table, or wait for another replica's migration to finish."""
+
+_DEFAULT_TIMEOUT_S: float = ControlPlaneSettings.model_fields["database_timeout"].default
+"""``DATABASE_TIMEOUT``'s default, for a store built from a DSN alone."""
+
 _PLACEHOLDER = re.compile(r"\?")
 
 
@@ -73,6 +80,8 @@ class _PostgresDialect(Dialect):
 
 def _translate(exc: BaseException) -> StoreError:
     """Turn an asyncpg (or socket) exception into the store's own."""
+    if isinstance(exc, TimeoutError):
+        return StoreError("postgres: no answer within DATABASE_TIMEOUT")
     detail = getattr(exc, "detail", None)
     message = f"postgres: {exc}" + (f" ({detail})" if detail else "")
     if isinstance(exc, asyncpg.UniqueViolationError):
@@ -91,29 +100,51 @@ _ERRORS: tuple[type[BaseException], ...] = (
 
 
 class _PostgresConnection(SqlConnection):
-    def __init__(self, conn: asyncpg.pool.PoolConnectionProxy[Any]) -> None:
+    """A pooled connection; each statement is bounded by ``timeout_s`` (``None``: the
+    pool's ``command_timeout``)."""
+
+    def __init__(
+        self, conn: asyncpg.pool.PoolConnectionProxy[Any], timeout_s: float | None = None
+    ) -> None:
         self._conn = conn
+        self._timeout_s = timeout_s
+        self.dropped: StoreError | None = None
+        """The timeout that made it drop the connection, if one did."""
+
+    def failure(self, exc: BaseException) -> StoreError:
+        """Translate ``exc``; on a timeout, drop the connection first.
+
+        Dropped, not cancelled as asyncpg would: a server that stopped answering would not
+        answer the cancel request either (the request would wait for it as long again),
+        and the connection cannot be trusted afterwards. Its transaction rolls back with it.
+        """
+        error = _translate(exc)
+        if isinstance(exc, TimeoutError) and self.dropped is None:
+            self.dropped = error
+            self._conn.terminate()
+        return error
 
     async def execute(self, sql: str, *args: Any) -> int:
         try:
-            status: str = await self._conn.execute(_numbered(sql), *args)
+            status: str = await self._conn.execute(_numbered(sql), *args, timeout=self._timeout_s)
         except _ERRORS as exc:
-            raise _translate(exc) from exc
+            raise self.failure(exc) from exc
         count = status.rsplit(" ", 1)[-1]  # "UPDATE 1", "INSERT 0 1", "DELETE 0"
         return int(count) if count.isdigit() else 0
 
     async def fetch(self, sql: str, *args: Any) -> list[dict[str, Any]]:
         try:
-            rows = await self._conn.fetch(_numbered(sql), *args)
+            rows = await self._conn.fetch(_numbered(sql), *args, timeout=self._timeout_s)
         except _ERRORS as exc:
-            raise _translate(exc) from exc
+            raise self.failure(exc) from exc
         return [dict(row.items()) for row in rows]
 
     async def run_script(self, script: str) -> None:
         try:
-            await self._conn.execute(script)  # no arguments: the simple protocol runs all
+            # No arguments: the simple protocol runs every statement.
+            await self._conn.execute(script, timeout=self._timeout_s)
         except _ERRORS as exc:
-            raise _translate(exc) from exc
+            raise self.failure(exc) from exc
 
 
 async def _init_connection(conn: asyncpg.Connection[Any]) -> None:
@@ -149,6 +180,10 @@ class PostgresStore(SqlStore):
         connect_timeout_s: how long ``connect()`` keeps retrying a server that is not up yet
             (a database starting beside the control plane, as in docker compose).
         close_timeout_s: how long ``close()`` waits for borrowed connections.
+        timeout_s: how long one statement, or the wait for a connection from the pool, may
+            take before it fails with :class:`StoreError` (so a database that stopped
+            answering never holds a request forever); default ``DATABASE_TIMEOUT`` from
+            ``settings``, or its default of 10 s.
     """
 
     name = "postgres"
@@ -163,14 +198,21 @@ class PostgresStore(SqlStore):
         max_size: int = 10,
         connect_timeout_s: float = 10.0,
         close_timeout_s: float = 10.0,
+        timeout_s: float | None = None,
     ) -> None:
+        if dsn is None and settings is None:
+            settings = ControlPlaneSettings()
         if dsn is None:
-            dsn = (settings if settings is not None else ControlPlaneSettings()).postgres_dsn()
+            assert settings is not None
+            dsn = settings.postgres_dsn()
+        if timeout_s is None:
+            timeout_s = _DEFAULT_TIMEOUT_S if settings is None else settings.database_timeout
         self._dsn = dsn
         self.min_size = min_size
         self.max_size = max_size
         self.connect_timeout_s = connect_timeout_s
         self.close_timeout_s = close_timeout_s
+        self.timeout_s = timeout_s
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
 
     def __repr__(self) -> str:
@@ -201,6 +243,7 @@ class PostgresStore(SqlStore):
                     max_size=self.max_size,
                     init=_init_connection,
                     timeout=max(min(remaining, 5.0), 0.5),
+                    command_timeout=self.timeout_s,
                 )
                 return
             except _TRANSIENT as exc:
@@ -240,7 +283,8 @@ class PostgresStore(SqlStore):
     @asynccontextmanager
     async def _acquire(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy[Any]]:
         try:
-            async with self._require().acquire() as conn:
+            # The timeout also bounds the reset when the connection goes back.
+            async with self._require().acquire(timeout=self.timeout_s) as conn:
                 yield conn
         except _ERRORS as exc:  # acquiring, or resetting on release
             raise _translate(exc) from exc
@@ -253,22 +297,23 @@ class PostgresStore(SqlStore):
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[SqlConnection]:
         async with self._acquire() as conn:
+            wrapped = _PostgresConnection(conn)
             try:
                 async with conn.transaction():  # rolls back when the block raises
-                    yield _PostgresConnection(conn)
-            except _ERRORS as exc:  # begin or commit
-                raise _translate(exc) from exc
+                    yield wrapped
+            except _ERRORS as exc:  # begin, commit, or the rollback of a dropped connection
+                raise wrapped.dropped or wrapped.failure(exc) from exc
 
     @asynccontextmanager
     async def _migration_transaction(self) -> AsyncIterator[SqlConnection]:
         async with self._acquire() as conn:
-            wrapped = _PostgresConnection(conn)
+            wrapped = _PostgresConnection(conn, timeout_s=_MIGRATION_TIMEOUT_S)
             await wrapped.execute("SELECT pg_advisory_lock(?)", MIGRATION_LOCK_KEY)
             try:
                 async with conn.transaction():
                     yield wrapped
-            except _ERRORS as exc:  # begin or commit
-                raise _translate(exc) from exc
+            except _ERRORS as exc:  # begin, commit, or the rollback of a dropped connection
+                raise wrapped.dropped or wrapped.failure(exc) from exc
             finally:
                 # If this fails the connection is broken, and the server drops the lock with
                 # it; asyncpg's reset on release (pg_advisory_unlock_all) covers the rest.
