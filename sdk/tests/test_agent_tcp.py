@@ -94,3 +94,35 @@ def test_a_reader_that_stops_pauses_the_socket(loop: str) -> None:
         await server.wait_closed()
 
     run(loop, main)
+
+
+@pytest.mark.parametrize("loop", list(LOOPS))
+def test_a_server_that_stops_reading_fails_the_write_and_close_does_not_wait(loop: str) -> None:
+    """A write the server takes nothing of fails after ``stall_timeout_s``; close then
+    drops the unsent bytes instead of waiting for them."""
+
+    async def main() -> None:
+        accepted: list[asyncio.StreamWriter] = []
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted.append(writer)  # and never read
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        conn = await open_vnc_connection("127.0.0.1", port, stall_timeout_s=0.3)
+        chunk = b"\0" * (1024 * 1024)
+
+        async def flood() -> None:
+            while True:
+                await conn.write(chunk)
+
+        async with asyncio.timeout(10):
+            with pytest.raises(ConnectionError, match="did not take the bytes"):
+                await flood()
+            await conn.close()
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+    run(loop, main)

@@ -256,7 +256,8 @@ class Agent:
 
     @property
     def vnc_streams_open(self) -> int:
-        """How many VNC streams are connected to a session's VNC server now."""
+        """How many VNC streams are connected to a session's VNC server now (a closing one
+        counts until both of its ends are closed)."""
         return self._vnc.active
 
     @property

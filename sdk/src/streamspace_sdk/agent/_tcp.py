@@ -2,6 +2,10 @@
 
 asyncio's ``StreamReader`` copies every byte twice (into its buffer, then out of it); the
 relay moves every byte of every viewer, so it takes the chunks as the event loop read them.
+
+A server that stops reading (hung, or gone behind a network that drops packets) must not
+hold a relay forever: a write it takes nothing of for ``stall_timeout_s`` fails, and
+closing drops the bytes it has not taken instead of waiting for them to go.
 """
 
 from __future__ import annotations
@@ -12,17 +16,28 @@ from typing import cast
 
 from streamspace_sdk.protocol import MAX_BINARY_PAYLOAD_BYTES
 
-__all__ = ["VncConnection", "open_vnc_connection"]
+__all__ = ["STALL_TIMEOUT_S", "VncConnection", "open_vnc_connection"]
 
 HIGH_WATER_BYTES = 2 * MAX_BINARY_PAYLOAD_BYTES
 """Bytes read from the VNC server and not yet relayed at which reading pauses: a slow
 viewer holds back the server through TCP instead of growing the agent's memory."""
 
+STALL_TIMEOUT_S = 60.0
+"""Seconds a write may wait for a server that takes none of its bytes: far above any pause
+of a live server, and below the control plane's default ``VNC_PROXY_TIMEOUT`` (300 s),
+after which it has closed the viewer anyway. The closing of a ``ws-dedicated`` stream
+cannot reach a relay blocked writing to the server (the socket's reading is paused)."""
+
 
 class VncConnection(asyncio.Protocol):
-    """One TCP connection: ``read`` returns chunks as received, ``write`` waits for room."""
+    """One TCP connection: ``read`` returns chunks as received, ``write`` waits for room.
 
-    def __init__(self) -> None:
+    Args:
+        stall_timeout_s: how long ``write`` waits for room before it gives up.
+    """
+
+    def __init__(self, stall_timeout_s: float = STALL_TIMEOUT_S) -> None:
+        self.stall_timeout_s = stall_timeout_s
         self._transport: asyncio.Transport | None = None
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
@@ -93,23 +108,41 @@ class VncConnection(asyncio.Protocol):
         """Send ``data``; waits while the socket's buffer is full.
 
         Raises:
-            ConnectionError: the connection is closed.
+            ConnectionError: the connection is closed, or the server took nothing for
+                ``stall_timeout_s``.
         """
         if self._transport is None or self._transport.is_closing():
             raise ConnectionError("the VNC server's connection is closed")
         self._transport.write(data)
-        await self._writable.wait()
+        try:
+            async with asyncio.timeout(self.stall_timeout_s):
+                await self._writable.wait()
+        except TimeoutError:
+            raise ConnectionError(
+                f"the VNC server did not take the bytes sent to it within {self.stall_timeout_s:g}s"
+            ) from None
         if self._closed.done():
             raise ConnectionError("the VNC server's connection is closed")
 
     async def close(self) -> None:
-        """Close the connection and wait until it is gone."""
+        """Close the connection and wait until it is gone.
+
+        Bytes the server has not taken are dropped (a reset, not an end of file): they are
+        a gone viewer's input, and a server that stopped reading would never take them.
+        """
         if self._transport is not None:
-            self._transport.close()
+            if self._transport.get_write_buffer_size():
+                self._transport.abort()
+            else:
+                self._transport.close()
             await self._closed
 
 
-async def open_vnc_connection(host: str, port: int) -> VncConnection:
+async def open_vnc_connection(
+    host: str, port: int, *, stall_timeout_s: float = STALL_TIMEOUT_S
+) -> VncConnection:
     """Connect to a VNC server (raises ``OSError`` as ``asyncio.open_connection`` does)."""
-    _, connection = await asyncio.get_running_loop().create_connection(VncConnection, host, port)
+    _, connection = await asyncio.get_running_loop().create_connection(
+        lambda: VncConnection(stall_timeout_s), host, port
+    )
     return connection

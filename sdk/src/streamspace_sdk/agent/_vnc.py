@@ -17,7 +17,7 @@ import logging
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from streamspace_sdk.agent._tcp import VncConnection, open_vnc_connection
+from streamspace_sdk.agent._tcp import STALL_TIMEOUT_S, VncConnection, open_vnc_connection
 from streamspace_sdk.errors import ProtocolError, StreamSpaceError
 from streamspace_sdk.platform import Platform
 from streamspace_sdk.protocol import Frame, VncClose, VncCredit, VncOpen, VncOpened, dump_frame
@@ -63,14 +63,23 @@ class VncRelay:
         platform: locates each session's VNC server.
         transport: the ``VNC_TRANSPORT`` driver.
         connect_timeout_s: seconds to connect to a VNC server before refusing the stream.
+        stall_timeout_s: seconds a VNC server may take none of the bytes sent to it before
+            its stream is closed.
     """
 
     def __init__(
-        self, platform: Platform, transport: Transport, *, connect_timeout_s: float = 10.0
+        self,
+        platform: Platform,
+        transport: Transport,
+        *,
+        connect_timeout_s: float = 10.0,
+        stall_timeout_s: float = STALL_TIMEOUT_S,
     ) -> None:
         self._platform = platform
         self._transport = transport
         self._connect_timeout_s = connect_timeout_s
+        self.stall_timeout_s = stall_timeout_s
+        """Applies to streams opened after a change."""
         self._link: SocketLink | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._opening: dict[int, asyncio.Task[None]] = {}
@@ -79,7 +88,7 @@ class VncRelay:
         self.opened = 0
         """Streams connected to a VNC server."""
         self.active = 0
-        """Streams connected now."""
+        """Streams connected now (until both of their ends are closed)."""
 
     def attach(self, link: SocketLink) -> None:
         """Serve streams on a newly registered connection."""
@@ -150,7 +159,9 @@ class VncRelay:
             try:
                 endpoint = await self._platform.vnc_endpoint(request.session_id)
                 async with asyncio.timeout(self._connect_timeout_s):
-                    server = await open_vnc_connection(endpoint.host, endpoint.port)
+                    server = await open_vnc_connection(
+                        endpoint.host, endpoint.port, stall_timeout_s=self.stall_timeout_s
+                    )
             except StreamSpaceError as exc:
                 await self._refuse(link, request.stream_id, f"session {request.session_id}: {exc}")
                 return
@@ -171,12 +182,15 @@ class VncRelay:
             self.opened += 1
             self.active += 1
             try:
-                await _pump_both(stream, server)
-            except ConnectionError:
-                pass
+                try:
+                    await _pump_both(stream, server)
+                except ConnectionError:
+                    pass
+                finally:
+                    await stream.close()
+                    await server.close()
             finally:
-                self.active -= 1
-                await stream.close()
+                self.active -= 1  # counted until both ends are closed
         finally:
             await server.close()
 
