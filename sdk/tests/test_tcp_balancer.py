@@ -76,6 +76,7 @@ async def test_cut_resets_open_connections_and_new_ones_still_pass() -> None:
     async with echo_server(b"a") as a, TcpBalancer([a]) as lb:
         reader, writer = await asyncio.open_connection("127.0.0.1", lb.port)
         assert await reader.readexactly(1) == b"a"
+        assert lb.connections == 1
         assert lb.cut() == 1
         with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
             await reader.readexactly(1)

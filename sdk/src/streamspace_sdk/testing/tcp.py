@@ -81,6 +81,15 @@ class TcpBalancer:
         port: int = self._server.sockets[0].getsockname()[1]
         return port
 
+    @property
+    def connections(self) -> int:
+        """How many connections are open now, each a client and its backend.
+
+        One ends once both ways have reached end of file (or either failed), so when it
+        drops the backend has closed its side too.
+        """
+        return len(self._links)
+
     async def __aenter__(self) -> TcpBalancer:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         return self
