@@ -30,7 +30,14 @@ from streamspace_controlplane.models import (
     utcnow,
 )
 from streamspace_controlplane.settings import ControlPlaneSettings
-from streamspace_controlplane.store import Conflict, NotFound, StaleEpoch, Store, StoreError
+from streamspace_controlplane.store import (
+    Conflict,
+    LastAdmin,
+    NotFound,
+    StaleEpoch,
+    Store,
+    StoreError,
+)
 from streamspace_controlplane.store._sql import TABLES, load_migrations
 from streamspace_controlplane.store.postgres import PostgresStore
 from streamspace_controlplane.store.sqlite import SqliteStore
@@ -317,6 +324,72 @@ async def test_list_delete_and_set_password(store: Store) -> None:
     assert await store.delete_user("bob") is True
     assert await store.delete_user("bob") is False
     assert [u.username for u in await store.list_users()] == ["alice", "carol"]
+
+
+async def test_a_user_is_enabled_at_epoch_0_and_a_new_password_moves_the_epoch(
+    store: Store,
+) -> None:
+    await store.create_user(User(username="bob"), "h")
+    bob = await store.get_user("bob")
+    assert bob is not None
+    assert (bob.disabled, bob.token_epoch) == (False, 0)
+    assert await store.set_password("bob", "h2") is True
+    bob = await store.get_user("bob")
+    assert bob is not None
+    assert (bob.password_hash, bob.token_epoch) == ("h2", 1)
+
+
+async def test_update_user_sets_role_and_disabled_and_may_revoke_tokens(store: Store) -> None:
+    await store.create_user(User(username="bob", created_at=T0), "h-bob")
+    updated = await store.update_user("bob", disabled=True, revoke_tokens=True)
+    assert updated is not None
+    assert (updated.role, updated.disabled, updated.token_epoch) == ("user", True, 1)
+    assert updated.password_hash == ""
+    assert updated.created_at == T0
+    got = await store.get_user("bob")
+    assert got is not None
+    assert (got.disabled, got.token_epoch, got.password_hash) == (True, 1, "h-bob")
+    assert [u.disabled for u in await store.list_users()] == [True]
+    promoted = await store.update_user("bob", role="admin")  # disabled is left as it is
+    assert promoted is not None
+    assert (promoted.role, promoted.disabled, promoted.token_epoch) == ("admin", True, 1)
+    enabled = await store.update_user("bob", disabled=False)
+    assert enabled is not None
+    assert (enabled.disabled, enabled.token_epoch) == (False, 1)
+    assert await store.update_user("nobody", disabled=True) is None
+
+
+async def test_the_last_enabled_admin_is_kept(store: Store) -> None:
+    await store.create_user(User(username="alice", role="admin"), "h")
+    await store.create_user(User(username="bob", role="admin"), "h")
+    await store.create_user(User(username="carol"), "h")
+    assert await store.update_user("carol", disabled=True) is not None  # not an admin
+    assert await store.update_user("bob", disabled=True) is not None
+    with pytest.raises(LastAdmin, match="'alice' is the last enabled admin"):
+        await store.update_user("alice", disabled=True)
+    with pytest.raises(LastAdmin, match="'alice' is the last enabled admin"):
+        await store.update_user("alice", role="user")
+    alice = await store.get_user("alice")
+    assert alice is not None
+    assert (alice.role, alice.disabled) == ("admin", False)
+    assert await store.update_user("bob", role="user") is not None  # a disabled admin
+
+
+async def test_two_admins_disabling_each_other_leave_one_enabled(store: Store) -> None:
+    """The check and the write are one transaction, so racing callers cannot both win."""
+    await store.create_user(User(username="alice", role="admin"), "h")
+    await store.create_user(User(username="bob", role="admin"), "h")
+    for _ in range(5):
+        results = await asyncio.gather(
+            store.update_user("alice", disabled=True),
+            store.update_user("bob", disabled=True),
+            return_exceptions=True,
+        )
+        assert sorted(type(r).__name__ for r in results) == ["LastAdmin", "User"]
+        enabled = [u.username for u in await store.list_users() if not u.disabled]
+        assert len(enabled) == 1
+        await store.update_user("alice", disabled=False)
+        await store.update_user("bob", disabled=False)
 
 
 # -- agent tokens ------------------------------------------------------------------------

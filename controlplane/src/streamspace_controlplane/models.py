@@ -57,6 +57,13 @@ class User(Record):
     """Login name, unique."""
     role: Role = "user"
     """``admin`` manages agents, users and templates; ``user`` runs sessions."""
+    disabled: bool = False
+    """A disabled user cannot log in, use a token or view a desktop; their sessions keep
+    running. Off by default, so users made before the flag existed stay as they were."""
+    token_epoch: int = Field(default=0, ge=0)
+    """Grows by one whenever the user's tokens are cut off (disabled, new password). A token
+    carries the epoch it was issued at and is refused once they differ; 0 matches tokens
+    issued before there were epochs."""
     password_hash: str = Field(default="", repr=False, exclude=True)
     """argon2 hash; never serialised."""
     created_at: AwareDatetime = Field(default_factory=utcnow)

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
-from streamspace_controlplane.store.base import Conflict, NotFound, StaleEpoch, Store, StoreError
+from streamspace_controlplane.store.base import (
+    Conflict,
+    LastAdmin,
+    NotFound,
+    StaleEpoch,
+    Store,
+    StoreError,
+)
 
-__all__ = ["Conflict", "NotFound", "StaleEpoch", "Store", "StoreError"]
+__all__ = ["Conflict", "LastAdmin", "NotFound", "StaleEpoch", "Store", "StoreError"]

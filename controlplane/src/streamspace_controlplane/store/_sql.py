@@ -34,6 +34,7 @@ from streamspace_controlplane.models import (
     AgentToken,
     AuditEntry,
     CommandRecord,
+    Role,
     Session,
     SessionEventRecord,
     Template,
@@ -42,6 +43,7 @@ from streamspace_controlplane.models import (
 )
 from streamspace_controlplane.store.base import (
     Conflict,
+    LastAdmin,
     NotFound,
     StaleEpoch,
     Store,
@@ -440,9 +442,51 @@ class SqlStore(Store):
         return await self._write("DELETE FROM users WHERE username = ?", username) > 0
 
     async def set_password(self, username: str, password_hash: str) -> bool:
-        """Replace a user's password hash; return whether the user exists."""
-        sql = "UPDATE users SET password_hash = ? WHERE username = ?"
+        """Replace a user's password hash and cut off their tokens; return whether the
+        user exists."""
+        sql = "UPDATE users SET password_hash = ?, token_epoch = token_epoch + 1 WHERE username = ?"
         return await self._write(sql, password_hash, username) > 0
+
+    async def update_user(
+        self,
+        username: str,
+        *,
+        role: Role | None = None,
+        disabled: bool | None = None,
+        revoke_tokens: bool = False,
+    ) -> User | None:
+        """Set a user's role and disabled flag, maybe cut off their tokens;
+        :class:`LastAdmin` if no enabled admin would remain. See :meth:`Store.update_user`."""
+        # The user and every admin are read and locked in one order (by name), so two
+        # admins changing each other wait for one another instead of deadlocking, and the
+        # second sees the first's change. SQLite's BEGIN IMMEDIATE already serialises.
+        lock = " FOR UPDATE" if self.dialect.name == "postgres" else ""
+        async with self._transaction() as conn:
+            rows = await conn.fetch(
+                f"{_USERS.select} WHERE role = 'admin' OR username = ? ORDER BY username{lock}",
+                username,
+            )
+            found = {u.username: u for u in self._load_all(_USERS, rows)}
+            user = found.get(username)
+            if user is None:
+                return None
+            new_role = user.role if role is None else role
+            new_disabled = user.disabled if disabled is None else disabled
+            enabled = {n for n, u in found.items() if u.role == "admin" and not u.disabled}
+            leaves = username in enabled and (new_role != "admin" or new_disabled)
+            if leaves and not enabled - {username}:
+                raise LastAdmin(username)
+            row = await conn.fetchrow(
+                "UPDATE users SET role = ?, disabled = ?, token_epoch = token_epoch + ? "
+                f"WHERE username = ? RETURNING {_USERS.column_list}",
+                new_role,
+                new_disabled,
+                1 if revoke_tokens else 0,
+                username,
+            )
+        if row is None:  # pragma: no cover - the row is locked and exists
+            return None
+        return self._load(_USERS, row).model_copy(update={"password_hash": ""})
 
     # -- agent tokens -----------------------------------------------------------------
 

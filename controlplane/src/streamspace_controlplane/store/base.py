@@ -19,6 +19,7 @@ from streamspace_controlplane.models import (
     AgentToken,
     AuditEntry,
     CommandRecord,
+    Role,
     Session,
     SessionEventRecord,
     Template,
@@ -27,7 +28,7 @@ from streamspace_controlplane.models import (
 from streamspace_sdk.errors import StreamSpaceError
 from streamspace_sdk.settings import StreamSpaceSettings
 
-__all__ = ["Conflict", "NotFound", "StaleEpoch", "Store", "StoreError"]
+__all__ = ["Conflict", "LastAdmin", "NotFound", "StaleEpoch", "Store", "StoreError"]
 
 
 class StoreError(StreamSpaceError):
@@ -40,6 +41,16 @@ class Conflict(StoreError):
 
 class NotFound(StoreError, LookupError):
     """No such row."""
+
+
+class LastAdmin(StoreError):
+    """A change would leave no enabled admin, and so nobody to manage the control plane."""
+
+    def __init__(self, username: str) -> None:
+        super().__init__(
+            f"{username!r} is the last enabled admin; make another user an admin first"
+        )
+        self.username = username
 
 
 class StaleEpoch(StoreError):
@@ -110,7 +121,30 @@ class Store(ABC):
 
     @abstractmethod
     async def set_password(self, username: str, password_hash: str) -> bool:
-        """Replace a user's password hash; return whether the user exists."""
+        """Replace a user's password hash, and cut off the tokens issued before (their
+        ``token_epoch`` grows by one); return whether the user exists."""
+
+    async def update_user(
+        self,
+        username: str,
+        *,
+        role: Role | None = None,
+        disabled: bool | None = None,
+        revoke_tokens: bool = False,
+    ) -> User | None:
+        """Set a user's role and disabled flag (``None`` leaves one as it is), and with
+        ``revoke_tokens`` cut off every token issued so far (``token_epoch`` grows by one).
+
+        Atomic with the rule that one enabled admin remains: demoting or disabling the last
+        enabled admin raises :class:`LastAdmin` and changes nothing, however many callers
+        race (two admins disabling each other end with one of them enabled).
+
+        The default refuses, so a store written before users could be changed still loads.
+
+        Returns:
+            The user as stored now (without its password hash), or ``None`` if absent.
+        """
+        raise StoreError(f"the {self.name} store cannot change users")
 
     # -- agent tokens ---------------------------------------------------------------------
 
