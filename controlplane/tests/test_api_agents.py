@@ -12,7 +12,7 @@ from apikit import assert_error
 
 from streamspace_controlplane import auth
 from streamspace_controlplane.http import ApiError
-from streamspace_controlplane.models import AgentRecord
+from streamspace_controlplane.models import AgentRecord, CommandRecord
 from streamspace_controlplane.store.base import Store
 from streamspace_sdk.platform import Capacity, Usage
 
@@ -68,17 +68,103 @@ async def test_list_and_get_agents_in_the_seed_shape(store: Store, tmp_path: Pat
         assert_error(await api.client.get("/api/v1/agents/nope", headers=api.admin), 404)
 
 
+async def _place(store: Store, session_id: str, agent_id: str, state: str) -> None:
+    """Put a session on an agent in ``state``, as the scheduler and the agent would."""
+    await store.update_session(session_id, agent_id=agent_id, platform="kubernetes", state=state)
+
+
 @pytest.mark.asyncio
-async def test_only_offline_agents_can_be_forgotten(store: Store, tmp_path: Path) -> None:
+async def test_deleting_an_agent_online_or_not(store: Store, tmp_path: Path) -> None:
+    """Online or offline, the agent goes, with its tokens; an unknown one is 404."""
     async with apikit.running(store, tmp_path) as api:
         await _agent(api.cp.store, "online-1")
         await _agent(api.cp.store, "offline-1", online=False)
-        busy = await api.client.delete("/api/v1/agents/online-1", headers=api.admin)
-        assert "is online" in assert_error(busy, 409, "conflict")["message"]
-        gone = await api.client.delete("/api/v1/agents/offline-1", headers=api.admin)
-        assert gone.status_code == 204
-        assert await api.cp.store.get_agent("offline-1") is None
+        for agent_id in ("online-1", "offline-1"):
+            await api.client.post(f"/api/v1/agents/{agent_id}/tokens", headers=api.admin)
+        token = (await api.client.post("/api/v1/agents/online-1/tokens", headers=api.admin)).json()
+        for agent_id in ("online-1", "offline-1"):
+            gone = await api.client.delete(f"/api/v1/agents/{agent_id}", headers=api.admin)
+            assert gone.status_code == 204, gone.text
+            assert await api.cp.store.get_agent(agent_id) is None
+        tokens = await api.cp.store.list_agent_tokens()
+        assert len(tokens) == 3
+        assert all(t.revoked_at is not None for t in tokens)
+        with pytest.raises(ApiError):  # it cannot come straight back
+            await auth.authenticate_agent(api.cp, token["token"])
         assert_error(await api.client.delete("/api/v1/agents/offline-1", headers=api.admin), 404)
+        deletes = [a for a in await api.cp.store.list_audit(100) if a.action == "agent.delete"]
+        assert sorted((a.resource, a.detail["was"]) for a in deletes) == [
+            ("agent/offline-1", "offline"),
+            ("agent/online-1", "online"),
+        ]
+        online = next(a for a in deletes if a.resource == "agent/online-1")
+        revoked = online.detail["tokens_revoked"]
+        assert isinstance(revoked, list)
+        assert sorted(map(str, revoked)) == sorted(
+            t.token_id for t in tokens if t.agent_id == "online-1"
+        )
+
+
+@pytest.mark.asyncio
+async def test_the_sessions_of_a_deleted_agent_stop_and_can_run_elsewhere(
+    store: Store, tmp_path: Path
+) -> None:
+    """Each session on the agent is stopped and unplaced, with the reason; one being
+    deleted is forgotten; its open commands fail; a session asked to run again waits to be
+    placed anew."""
+    async with apikit.running(store, tmp_path) as api:
+        await api.template()
+        bob = await api.user("bob")
+        await _agent(api.cp.store, "k8s-1")
+        await _agent(api.cp.store, "k8s-2")
+        running = await api.session(bob)
+        hibernated = await api.session(bob)
+        deleting = await api.session(bob)
+        elsewhere = await api.session(bob)
+        await _place(api.cp.store, running["id"], "k8s-1", "running")
+        await _place(api.cp.store, hibernated["id"], "k8s-1", "hibernated")
+        await _place(api.cp.store, deleting["id"], "k8s-1", "running")
+        await _place(api.cp.store, elsewhere["id"], "k8s-2", "running")
+        stopping = await api.client.delete(f"/api/v1/sessions/{deleting['id']}", headers=bob)
+        assert stopping.status_code == 202, stopping.text
+        placed = await api.cp.store.get_session(running["id"])
+        assert placed is not None
+        command = await api.cp.store.enqueue_command(
+            CommandRecord(
+                command_id="c-1",
+                agent_id="k8s-1",
+                session_id=placed.id,
+                generation=placed.generation,
+                command_type="start",
+                command_data={},
+            )
+        )
+
+        gone = await api.client.delete("/api/v1/agents/k8s-1", headers=api.admin)
+        assert gone.status_code == 204, gone.text
+
+        for session in (running, hibernated):
+            after = (await api.client.get(f"/api/v1/sessions/{session['id']}", headers=bob)).json()
+            assert (after["state"], after["desired_state"]) == ("stopped", "stopped")
+            assert (after["agent_id"], after["platform"]) == (None, None)
+            assert "agent k8s-1 was deleted" in after["reason"]
+        forgotten = await api.client.get(f"/api/v1/sessions/{deleting['id']}", headers=bob)
+        assert_error(forgotten, 404)
+        kept = (await api.client.get(f"/api/v1/sessions/{elsewhere['id']}", headers=bob)).json()
+        assert (kept["state"], kept["agent_id"]) == ("running", "k8s-2")
+        failed = await api.cp.store.get_command(command.command_id)
+        assert failed is not None
+        assert failed.status == "failed"
+        delete = next(a for a in await api.cp.store.list_audit(100) if a.action == "agent.delete")
+        assert delete.detail["sessions_released"] == 3
+
+        again = await api.client.patch(
+            f"/api/v1/sessions/{running['id']}", json={"state": "running"}, headers=bob
+        )
+        assert again.status_code == 200, again.text
+        assert (again.json()["state"], again.json()["agent_id"]) == ("pending", None)
+        removed = await api.client.delete(f"/api/v1/sessions/{hibernated['id']}", headers=bob)
+        assert removed.status_code == 204, removed.text
 
 
 @pytest.mark.asyncio

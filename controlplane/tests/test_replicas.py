@@ -274,6 +274,63 @@ async def test_rest_on_a_runs_on_c_and_a_viewer_on_b_sees_the_desktop(
 
 
 @pytest.mark.asyncio
+async def test_disabling_a_user_or_deleting_the_agent_on_a_closes_viewers_on_b(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The agent is held by C and the viewers relayed by B; A disables the viewer's user,
+    then deletes the agent: each viewer closes with 4403 within 5 s, and the agent's
+    socket on C closes."""
+    a, b, c = (cluster.replicas[n] for n in "abc")
+    created = await a.http.post(
+        "/api/v1/templates",
+        json={"name": "desktop", "display_name": "Desktop", "platform": "process", "region": "c"},
+    )
+    assert created.status_code == 201, created.text
+    r = await a.http.post(
+        "/api/v1/users", json={"username": "carol", "password": "carol-password-1"}
+    )
+    assert r.status_code == 201, r.text
+    r = await a.http.post("/api/v1/agents/held-by-c/tokens")
+    token = r.json()["token"]
+    async with (
+        TcpBalancer([("127.0.0.1", c.port)]) as balancer,
+        agent_behind(balancer, token, tmp_path / "state", "ws-mux"),
+    ):
+        await held_by(cluster, "c")
+        r = await a.http.post("/api/v1/sessions", json={"template": "desktop", "user": "carol"})
+        assert r.status_code == 201, r.text
+        session_id = r.json()["id"]
+        await a.harness.wait_state(session_id, "running", timeout_s=30)
+        login = await b.http.post(
+            "/api/v1/auth/login", json={"username": "carol", "password": "carol-password-1"}
+        )
+        carol = {"Authorization": f"Bearer {login.json()['token']}"}
+
+        r = await b.http.post(f"/api/v1/sessions/{session_id}/vnc-token", headers=carol)
+        assert r.status_code == 201, r.text
+        async with connect(f"{b.ws}/vnc/{session_id}?token={r.json()['token']}") as viewer:
+            assert await viewer.recv() == RFB_VERSION
+            r = await a.http.patch("/api/v1/users/carol", json={"disabled": True})
+            assert r.status_code == 200, r.text
+            assert await closed_within(viewer) == (4403, "the user was disabled")
+
+        r = await b.http.post(f"/api/v1/sessions/{session_id}/vnc-token")  # the admin's
+        assert r.status_code == 201, r.text
+        async with connect(f"{b.ws}/vnc/{session_id}?token={r.json()['token']}") as viewer:
+            assert await viewer.recv() == RFB_VERSION
+            r = await a.http.delete(f"/api/v1/agents/{AGENT_ID}")
+            assert r.status_code == 204, r.text
+            assert await closed_within(viewer) == (4403, "the agent was deleted")
+
+        async def let_go() -> bool:
+            return c.harness.cp.hub.local(AGENT_ID) is None
+
+        await eventually(let_go, timeout_s=5)
+        r = await b.http.get(f"/api/v1/sessions/{session_id}")
+        assert (r.json()["state"], r.json()["agent_id"]) == ("stopped", None)
+
+
+@pytest.mark.asyncio
 async def test_when_c_goes_its_agent_moves_and_commands_and_viewers_follow(
     cluster: Cluster, tmp_path: Path
 ) -> None:

@@ -588,3 +588,47 @@ async def test_revoking_the_agent_token_disconnects_the_agent_and_its_viewers(en
 
     await eventually(offline, timeout_s=5)
     assert env.harness.cp.hub.local(AGENT_ID) is None  # and it cannot come back with it
+
+
+@pytest.mark.asyncio
+async def test_disabling_a_user_closes_their_viewers_and_refuses_new_ones(env: Env) -> None:
+    """Their viewer closes with 4403 within 5 s; a VNC token issued before is refused at
+    redemption, and none can be issued; the session keeps running."""
+    spare = await env.token()  # issued while alice was enabled, redeemed after
+    async with env.viewer(await env.token()) as ws:
+        await rfb_handshake(_ws_io(ws))
+        r = await env.http.patch("/api/v1/users/alice", json={"disabled": True}, headers=env.admin)
+        assert r.status_code == 200, r.text
+        assert await _closed_within(ws) == (4403, "the user was disabled")
+    assert await _refused(env, spare) == 403
+    r = await env.vnc_token()
+    assert r.status_code == 403, r.text
+    assert r.json()["error"]["code"] == "user_disabled"
+    session = await env.harness.cp.store.get_session(env.session_id)
+    assert session is not None
+    assert (session.state, session.desired_state) == ("running", "running")
+
+
+@pytest.mark.asyncio
+async def test_deleting_an_online_agent_disconnects_it_and_its_viewers(env: Env) -> None:
+    """Its viewer closes with 4403 within 5 s, its token no longer connects, its session
+    is stopped and unplaced, and the agent does not come back."""
+    (token,) = [t for t in await env.harness.cp.store.list_agent_tokens(AGENT_ID)]
+    async with env.viewer(await env.token()) as ws:
+        await rfb_handshake(_ws_io(ws))
+        r = await env.http.delete(f"/api/v1/agents/{AGENT_ID}", headers=env.admin)
+        assert r.status_code == 204, r.text
+        assert await _closed_within(ws) == (4403, "the agent was deleted")
+
+    async def disconnected() -> bool:
+        return env.harness.cp.hub.local(AGENT_ID) is None
+
+    await eventually(disconnected, timeout_s=5)
+    revoked = [t for t in await env.harness.cp.store.list_agent_tokens(AGENT_ID)]
+    assert [(t.token_id, t.revoked_at is not None) for t in revoked] == [(token.token_id, True)]
+    session = await env.harness.cp.store.get_session(env.session_id)
+    assert session is not None
+    assert (session.state, session.agent_id) == ("stopped", None)
+    await asyncio.sleep(0.5)  # the agent retries with a short backoff; each is refused
+    assert await env.harness.cp.store.get_agent(AGENT_ID) is None
+    assert env.harness.cp.hub.local(AGENT_ID) is None

@@ -4,7 +4,10 @@
 * User tokens are HS256 JWTs with ``sub``, ``role``, ``kind``, ``iat`` and ``exp``; only HS256
   is accepted, so ``alg: none`` and RS/HS confusion are refused, and there is no leeway.
   A token is only as good as its user: a token of a deleted user (or of an earlier user of
-  the same name) is refused, and the role comes from the store, not from the token.
+  the same name) is refused with 401, one of a disabled user with 403 ``user_disabled``
+  (the token is sound, its holder may not act), one issued before the user's tokens were
+  cut off (disabled, or a new password: the ``epoch`` claim is below the user's
+  ``token_epoch``) with 401, and the role comes from the store, not from the token.
 * Failed logins are counted per (username, client address) in memory; too many in the
   window are answered with 429 and ``Retry-After``.
 * Agent tokens look like ``ssa_<token_id>_<secret>``: 256 random bits, of which only the
@@ -47,6 +50,7 @@ __all__ = [
     "login_throttle",
     "new_agent_token",
     "parse_bearer",
+    "user_disabled",
     "verify_password",
 ]
 
@@ -165,14 +169,26 @@ async def authenticate_user(cp: ControlPlane, token: str) -> Principal:
     """Return who ``token`` belongs to, checking it against the store.
 
     Raises:
-        ApiError: 401 when the token is invalid, or its user was deleted (or deleted and
-            created again after the token was issued).
+        ApiError: 401 when the token is invalid, its user was deleted (or deleted and
+            created again after the token was issued), or its user's tokens were cut off
+            since it was issued; 403 ``user_disabled`` when its user is disabled.
     """
     claims = decode_token(cp.jwt_secret, token)
     user = await cp.store.get_user(claims["sub"])
     if user is None or claims["iat"] < int(user.created_at.timestamp()):
         raise _invalid_token("token's user no longer exists")
+    if user.disabled:
+        raise user_disabled(user.username)
+    if claims.get("epoch", 0) != user.token_epoch:
+        raise _invalid_token("token was revoked (user disabled or password changed); log in again")
     return Principal(username=user.username, role=user.role)
+
+
+def user_disabled(username: str) -> ApiError:
+    """Return the 403 that refuses a disabled user, at login and on every token they hold."""
+    return ApiError(
+        403, "user_disabled", f"user {username!r} is disabled; an admin can enable it again"
+    )
 
 
 def parse_bearer(header: str | None) -> str:

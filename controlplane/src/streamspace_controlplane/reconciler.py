@@ -6,6 +6,8 @@ state with its actual state and enqueues the command that closes the gap (``stop
 failure). It also keeps agents honest: an agent silent past ``AGENT_HEARTBEAT_TIMEOUT`` is
 marked offline and its socket closed, and the sessions of an agent offline past
 ``LOST_GRACE_PERIOD`` become ``lost``, and ``running`` again if it comes back with them.
+The sessions of an agent an admin deletes are stopped and unplaced at once
+(:meth:`Reconciler.on_agent_deleted`): no agent is left to tell.
 Sessions an agent reports that the store does not know are logged and audited, never
 stopped: they may belong to another control plane sharing the platform.
 
@@ -121,9 +123,13 @@ class Reconciler(KickLoop):
         if not leading:
             return
         await self._mark_lost(agents, now)
+        known = {agent.agent_id for agent in agents}
         seen: set[str] = set()
         for session in await self._sessions():
             seen.add(session.id)
+            if session.agent_id is not None and session.agent_id not in known:
+                await self._release_orphan(session, session.agent_id)
+                continue
             await self.converge(session)
         for session_id in set(self._settled) - seen:
             del self._settled[session_id]
@@ -261,6 +267,77 @@ class Reconciler(KickLoop):
         if session.forget and await self.cp.store.delete_session(session.id):
             self._settled.pop(session.id, None)
             logger.info("Session %s stopped and forgotten", session.id)
+
+    # -- deleted agents ---------------------------------------------------------------------
+
+    async def on_agent_deleted(self, agent_id: str) -> int:
+        """Let go of everything placed on an agent that was just deleted.
+
+        Each of its sessions becomes ``stopped``, with desired state ``stopped`` and no
+        agent, its reason saying why: a fixed point of :meth:`converge`, so nothing waits
+        for an agent that will not answer. Its owner may delete it at once, or ask for it
+        to run again, which places it afresh on another agent (a new desktop: what the
+        deleted agent's platform held, storage of a hibernated session included, stays
+        there for its operator). A session already being deleted is forgotten. If an
+        agent of that id connects again later (with a new token) and still runs one of
+        them, the session is reported as unknown and left alone, as any other.
+
+        Commands still open for the agent fail, so none reaches it should it come back.
+
+        Returns:
+            How many sessions were let go.
+        """
+        self._unknown.pop(agent_id, None)
+        self._lost_checked.pop(agent_id, None)
+        store = self.cp.store
+        now = utcnow()
+        for command in await store.open_commands_before(now):
+            if command.agent_id == agent_id:
+                await store.finish_command(command.command_id, "failed", None, now)
+        reason = f"agent {agent_id} was deleted; start the session again to place it anew"
+        released = 0
+        for session in await self._sessions(agent_id=agent_id):
+            if await self._release(session, agent_id, reason):
+                released += 1
+        if released:
+            logger.warning("Let go of %d session(s) of deleted agent %s", released, agent_id)
+            self.cp.scheduler.kick()
+        return released
+
+    async def _release(self, session: Session, agent_id: str, reason: str) -> bool:
+        current: Session | None = session
+        for _ in range(3):  # a concurrent change of the session moves its generation on
+            if current is None or current.agent_id != agent_id:
+                return False
+            fields: dict[str, object] = {"agent_id": None, "platform": None}
+            if current.desired_state != "stopped":
+                fields["desired_state"] = "stopped"
+                fields["generation"] = current.generation + 1
+            if current.state == "stopped" and current.desired_state == "stopped":
+                updated = await self.cp.store.update_session(
+                    current.id, expected_generation=current.generation, **fields
+                )
+            else:
+                updated = await self.cp.events.transition(
+                    current, "stopped", reason, expected_generation=current.generation, **fields
+                )
+            if updated is not None:
+                self._settled.pop(updated.id, None)
+                if updated.forget and await self.cp.store.delete_session(updated.id):
+                    logger.info("Session %s of deleted agent %s forgotten", updated.id, agent_id)
+                return True
+            current = await self.cp.store.get_session(session.id)
+        logger.warning("Session %s kept changing; the next pass lets go of it", session.id)
+        return False
+
+    async def _release_orphan(self, session: Session, agent_id: str) -> None:
+        """Let go of a session placed on an agent that is gone (deleted by a replica that
+        stopped half-way, say); the agent may also have registered since the listing."""
+        if await self.cp.store.get_agent(agent_id) is not None:
+            return
+        reason = f"agent {agent_id} was deleted; start the session again to place it anew"
+        if await self._release(session, agent_id, reason):
+            logger.warning("Session %s let go: its agent %s no longer exists", session.id, agent_id)
 
     # -- what agents report -----------------------------------------------------------------
 

@@ -48,6 +48,7 @@ __all__ = [
     "TemplateUpdate",
     "UserCreate",
     "UserOut",
+    "UserPatch",
     "VncTokenOut",
 ]
 
@@ -154,6 +155,19 @@ class UserCreate(ApiModel):
     """``admin`` or ``user``."""
 
 
+class UserPatch(ApiModel):
+    """Changes to a user; a field left out (or ``null``) stays as it is."""
+
+    disabled: bool | None = None
+    """``true`` refuses the user's logins and tokens and closes their viewers (their
+    sessions keep running); ``false`` lets them log in again."""
+    role: Role | None = None
+    """``admin`` or ``user``."""
+    password: str | None = Field(default=None, min_length=8, max_length=1024)
+    """A new password, at least 8 characters; the user's tokens issued before are refused
+    from then on."""
+
+
 class UserOut(ApiModel):
     """A user, without their password hash."""
 
@@ -161,13 +175,20 @@ class UserOut(ApiModel):
     """Login name."""
     role: Role
     """``admin`` or ``user``."""
+    disabled: bool
+    """A disabled user cannot log in or use their tokens."""
     created_at: AwareDatetime
     """When created."""
 
     @classmethod
     def of(cls, user: User) -> UserOut:
         """Build from a stored user."""
-        return cls(username=user.username, role=user.role, created_at=user.created_at)
+        return cls(
+            username=user.username,
+            role=user.role,
+            disabled=user.disabled,
+            created_at=user.created_at,
+        )
 
 
 # -- templates ---------------------------------------------------------------------------

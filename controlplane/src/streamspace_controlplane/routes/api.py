@@ -42,6 +42,7 @@ from streamspace_controlplane.schemas import (
     TemplateUpdate,
     UserCreate,
     UserOut,
+    UserPatch,
 )
 from streamspace_controlplane.services import agents, sessions, templates, users
 
@@ -80,6 +81,22 @@ async def create_user(request: Request) -> Response:
         control_plane(request), body.username, body.password, body.role, actor=actor
     )
     return json_response(UserOut.of(user), 201, {"Location": f"{PREFIX}/users/{user.username}"})
+
+
+async def patch_user(request: Request) -> Response:
+    """Disable or enable a user, change their role or set their password."""
+    username = request.path_params["username"]
+    actor = await require_admin(request, "user.update", f"user/{username}")
+    body = await parse_body(request, UserPatch)
+    user = await users.update_user(
+        control_plane(request),
+        actor,
+        username,
+        disabled=body.disabled,
+        role=body.role,
+        password=body.password,
+    )
+    return json_response(UserOut.of(user))
 
 
 async def delete_user(request: Request) -> Response:
@@ -228,10 +245,10 @@ async def get_agent(request: Request) -> Response:
 
 
 async def delete_agent(request: Request) -> Response:
-    """Forget an offline agent."""
+    """Delete an agent: revoke its tokens, disconnect it and forget it."""
     agent_id = request.path_params["agent_id"]
     actor = await require_admin(request, "agent.delete", f"agent/{agent_id}")
-    await agents.forget_agent(control_plane(request), actor, agent_id)
+    await agents.delete_agent(control_plane(request), actor, agent_id)
     return _no_content()
 
 
@@ -292,9 +309,10 @@ OPERATIONS: list[Operation] = [
         auth="public",
         request=LoginRequest,
         response=LoginResponse,
-        errors=(401, 429),
+        errors=(401, 403, 429),
         tag="auth",
-        description="Failed logins per user and address are throttled: 429 with Retry-After.",
+        description="Failed logins per user and address are throttled: 429 with Retry-After. "
+        "The right password of a disabled user: 403 `user_disabled`.",
     ),
     # users
     Operation(
@@ -318,6 +336,22 @@ OPERATIONS: list[Operation] = [
         status=201,
         errors=(409,),
         tag="users",
+    ),
+    Operation(
+        "PATCH",
+        f"{PREFIX}/users/{{username}}",
+        patch_user,
+        "Disable or enable a user, change their role or password",
+        auth="admin",
+        request=UserPatch,
+        response=UserOut,
+        errors=(409,),
+        tag="users",
+        description="Disabling refuses the user's logins and tokens (403 `user_disabled`) "
+        "and closes their VNC viewers on every replica (close code 4403); their sessions "
+        "keep running. Admins cannot disable or demote themselves, nor the last enabled "
+        "admin: 409. Disabling and a new password refuse every token issued before (401 "
+        "once enabled again): the user logs in anew.",
     ),
     Operation(
         "DELETE",
@@ -453,11 +487,15 @@ OPERATIONS: list[Operation] = [
         "DELETE",
         f"{PREFIX}/agents/{{agent_id}}",
         delete_agent,
-        "Forget an offline agent",
+        "Delete an agent, online or not",
         auth="admin",
         status=204,
-        errors=(409,),
         tag="agents",
+        description="Revokes every token of the agent, so it cannot come back with one; "
+        "closes its socket and its VNC viewers on every replica (close code 4403); marks "
+        "the sessions placed on it `failed` and no longer placed (their compute may still "
+        "run on its platform: stop it there), so each can be deleted, or started again on "
+        "another agent; then forgets the agent. Issue a new token to bring it back.",
     ),
     Operation(
         "POST",

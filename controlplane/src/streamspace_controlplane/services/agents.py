@@ -1,4 +1,4 @@
-"""Agents as admins manage them: list, read, forget, and their tokens.
+"""Agents as admins manage them: list, read, delete, and their tokens.
 
 The agent side (registration, heartbeats, commands) lives in ``services/registry.py`` and
 the agent WebSocket endpoint; this module is the admin's view.
@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import re
 
+from pydantic import JsonValue
+
 from streamspace_controlplane import auth
 from streamspace_controlplane._errors import ApiError
 from streamspace_controlplane.audit import audit
 from streamspace_controlplane.core import ControlPlane
 from streamspace_controlplane.models import AgentRecord, AgentToken, utcnow
+from streamspace_controlplane.reconciler import reconciler_of
 from streamspace_controlplane.schemas import AGENT_ID_PATTERN
 from streamspace_controlplane.services import tunnels
 from streamspace_controlplane.store.base import Conflict
@@ -20,7 +23,7 @@ from streamspace_sdk.hooks import Principal
 
 __all__ = [
     "create_token",
-    "forget_agent",
+    "delete_agent",
     "get_agent",
     "list_agents",
     "list_tokens",
@@ -45,20 +48,38 @@ async def get_agent(cp: ControlPlane, agent_id: str) -> AgentRecord:
     return agent
 
 
-async def forget_agent(cp: ControlPlane, actor: Principal, agent_id: str) -> None:
-    """Delete an offline agent's record; its tokens stay valid, so it can come back.
+async def delete_agent(cp: ControlPlane, actor: Principal, agent_id: str) -> None:
+    """Delete an agent, connected or not, so that it is gone until an admin says otherwise.
+
+    In this order: every active token of the agent is revoked, so it cannot connect again
+    with one; its socket and its viewers' tunnels close on whichever replica holds them
+    (close code 4403, "the agent was deleted"); its record goes; and the sessions placed
+    on it are let go (:meth:`~streamspace_controlplane.reconciler.Reconciler.on_agent_deleted`:
+    each becomes ``stopped`` with no agent, to delete or to run again elsewhere, and its
+    open commands fail). What its platform still runs is not stopped: nobody is left to
+    tell it. To bring the agent back, issue it a new token.
 
     Raises:
-        ApiError: 404 when unknown; 409 while it is online.
+        ApiError: 404 when unknown.
     """
     agent = await get_agent(cp, agent_id)
-    if agent.status != "offline":
-        raise ApiError(
-            409, "conflict", f"agent {agent_id!r} is {agent.status}; stop it before forgetting it"
-        )
+    now = utcnow()
+    revoked: list[JsonValue] = [
+        t.token_id
+        for t in await cp.store.list_agent_tokens(agent_id)
+        if t.revoked_at is None and await cp.store.revoke_agent_token(t.token_id, now)
+    ]
+    await tunnels.revoke(cp, "agent", agent_id, reason="the agent was deleted")
     if not await cp.store.delete_agent(agent_id):
         raise ApiError(404, "not_found", f"no agent {agent_id!r}")
-    await audit(cp, actor.username, "agent.delete", f"agent/{agent_id}")
+    released = await reconciler_of(cp).on_agent_deleted(agent_id)
+    await audit(
+        cp,
+        actor.username,
+        "agent.delete",
+        f"agent/{agent_id}",
+        {"was": agent.status, "tokens_revoked": revoked, "sessions_released": released},
+    )
 
 
 async def create_token(

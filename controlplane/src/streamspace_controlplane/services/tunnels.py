@@ -1,9 +1,10 @@
 """Live viewer tunnels, and revoking them with what allowed them.
 
 :func:`revoke` ends, on every replica, the viewers of a session asked to stop or
-hibernate, of a deleted user, and of an agent whose token is revoked (whose socket closes
-too). Every viewer's bytes pass through the replica holding its agent, so closing there
-ends a relayed viewer as well; the others are told through the hub.
+hibernate, of a deleted or disabled user, and of an agent that is deleted or whose token is
+revoked (whose socket closes too). Every viewer's bytes pass through the replica holding
+its agent, so closing there ends a relayed viewer as well; the others are told through the
+hub.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ logger = logging.getLogger("streamspace.controlplane.vnc")
 CLOSE_REVOKED = 4403
 """Close code of a viewer (and of an agent socket) whose grant was revoked."""
 
-RevokedBy = Literal["session", "user", "agent-token"]
+RevokedBy = Literal["session", "user", "agent-token", "agent"]
 
 _TUNNELS = "vnc.tunnels"
 
@@ -60,7 +61,12 @@ class Tunnels:
 
     def revoke(self, by: RevokedBy, value: str, reason: str) -> int:
         """End the tunnels of a session, a user or an agent; return how many."""
-        key = {"session": "session_id", "user": "username", "agent-token": "agent_id"}[by]
+        key = {
+            "session": "session_id",
+            "user": "username",
+            "agent-token": "agent_id",
+            "agent": "agent_id",
+        }[by]
         ended = 0
         for tunnel in list(self._open):
             if getattr(tunnel, key) == value and not tunnel.revoked.is_set():
@@ -78,14 +84,25 @@ def tunnels(cp: ControlPlane) -> Tunnels:
     return found
 
 
-async def revoke(cp: ControlPlane, by: RevokedBy, value: str, *, agent_id: str = "") -> None:
+async def revoke(
+    cp: ControlPlane, by: RevokedBy, value: str, *, agent_id: str = "", reason: str = ""
+) -> None:
     """End, on every replica, the live access that ``by`` = ``value`` granted.
 
     ``session``: its viewers (it is asked to stop or hibernate); ``user``: the user's
     viewers; ``agent-token``: the agent socket authenticated by that token id and the
-    viewers of ``agent_id``, its agent.
+    viewers of ``agent_id``, its agent; ``agent``: the socket of agent ``value``, whatever
+    its token, and its viewers.
+
+    Args:
+        cp: The control plane.
+        by: What was revoked.
+        value: Its id (session id, username, token id or agent id).
+        agent_id: For ``agent-token``, the token's agent.
+        reason: The close reason viewers see; by default one naming what was revoked
+            (a user's says "deleted", so pass one when a user is disabled).
     """
-    arg = json.dumps({"by": by, "value": value, "agent_id": agent_id})
+    arg = json.dumps({"by": by, "value": value, "agent_id": agent_id, "reason": reason})
     apply_revocation(cp, arg)
     cp.hub.notify_all("revoke", arg)
 
@@ -95,23 +112,30 @@ def apply_revocation(cp: ControlPlane, arg: str) -> None:
     try:
         message = json.loads(arg)
         by, value, agent_id = message["by"], str(message["value"]), str(message["agent_id"])
-    except (ValueError, TypeError, KeyError):
+        given = str(message.get("reason") or "")  # absent from an older replica's notice
+    except (ValueError, TypeError, KeyError, AttributeError):
         logger.warning("Ignored a malformed revocation: %.200r", arg)
         return
-    if by == "agent-token":
-        reason = "the agent's token was revoked"
+    if by in ("agent-token", "agent"):
+        if by == "agent":
+            agent_id = value
         conn = cp.hub.local(agent_id)
-        if conn is not None and conn.token_id == value:
-            tunnels(cp).revoke("agent-token", agent_id, reason)
-            logger.info("Closing agent %s's connection: its token was revoked", agent_id)
-            task = asyncio.get_running_loop().create_task(conn.close(CLOSE_REVOKED, reason))
-            _pending.add(task)
-            task.add_done_callback(_pending.discard)
+        if conn is None or (by == "agent-token" and conn.token_id != value):
+            return
+        reason = given or (
+            "the agent's token was revoked" if by == "agent-token" else "the agent was deleted"
+        )
+        tunnels(cp).revoke(by, agent_id, reason)
+        logger.info("Closing agent %s's connection: %s", agent_id, reason)
+        task = asyncio.get_running_loop().create_task(conn.close(CLOSE_REVOKED, reason))
+        _pending.add(task)
+        task.add_done_callback(_pending.discard)
         return
     if by not in ("session", "user"):
         logger.warning("Ignored a revocation of unknown kind: %.200r", arg)
         return
-    reason = "the session is stopping" if by == "session" else "the user was deleted"
+    default = "the session is stopping" if by == "session" else "the user was deleted"
+    reason = given or default
     ended = tunnels(cp).revoke(by, value, reason)
     if ended:
         logger.info("Closed %d VNC viewer(s) of %s %s: %s", ended, by, value, reason)

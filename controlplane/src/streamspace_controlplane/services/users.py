@@ -1,4 +1,11 @@
-"""Users: the bootstrap admin, logins, and the admin's user management."""
+"""Users: the bootstrap admin, logins, and the admin's user management.
+
+A user an admin disables can no longer log in, use a token issued before (both 403
+``user_disabled``) or get or redeem a VNC token, and their live viewers close with 4403 on
+every replica; the sessions they own keep running, so enabling them again picks up where
+they were (with a new login: the tokens of before stay refused). Stop or delete the
+sessions too when that is what is wanted.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,7 @@ import secrets
 from datetime import datetime
 from pathlib import Path
 
-from pydantic import ValidationError
+from pydantic import JsonValue, ValidationError
 
 from streamspace_controlplane import auth
 from streamspace_controlplane._errors import ApiError
@@ -16,7 +23,7 @@ from streamspace_controlplane.audit import audit
 from streamspace_controlplane.core import ControlPlane
 from streamspace_controlplane.models import ACTIVE_STATES, Role, User, utcnow
 from streamspace_controlplane.services import tunnels
-from streamspace_controlplane.store.base import Conflict
+from streamspace_controlplane.store.base import Conflict, LastAdmin
 from streamspace_sdk.errors import ConfigError
 from streamspace_sdk.hooks import Principal
 
@@ -28,6 +35,7 @@ __all__ = [
     "ensure_admin",
     "list_users",
     "login",
+    "update_user",
 ]
 
 logger = logging.getLogger("streamspace.controlplane")
@@ -103,7 +111,9 @@ async def login(
 
     Raises:
         ApiError: 429 with ``Retry-After`` after too many failures for this username and
-            client address; 401 for a wrong username or password (one message for both).
+            client address; 401 for a wrong username or password (one message for both);
+            403 ``user_disabled`` for the right password of a disabled user (only then, so
+            the answer tells nobody without the password that the user exists).
     """
     throttle = auth.login_throttle(cp)
     throttle.check(username, client)
@@ -118,7 +128,22 @@ async def login(
         await audit(cp, "anonymous", "auth.login_failed", f"user/{username}", {"client": client})
         raise ApiError(401, "unauthorized", "wrong username or password")
     throttle.succeeded(username, client)
-    token, expires = auth.issue_token(cp.jwt_secret, user.username, user.role, cp.settings.jwt_ttl)
+    if user.disabled:
+        await audit(
+            cp,
+            "anonymous",
+            "auth.login_refused",
+            f"user/{user.username}",
+            {"client": client, "reason": "disabled"},
+        )
+        raise auth.user_disabled(user.username)
+    token, expires = auth.issue_token(
+        cp.jwt_secret,
+        user.username,
+        user.role,
+        cp.settings.jwt_ttl,
+        claims={"epoch": user.token_epoch},
+    )
     await audit(cp, user.username, "auth.login", f"user/{user.username}", {"client": client})
     return token, expires
 
@@ -191,3 +216,71 @@ async def delete_user(cp: ControlPlane, actor: Principal, username: str) -> None
         raise ApiError(404, "not_found", f"no user {username!r}")
     await audit(cp, actor.username, "user.delete", f"user/{username}")
     await tunnels.revoke(cp, "user", username)  # e.g. an admin viewing others' sessions
+
+
+async def update_user(
+    cp: ControlPlane,
+    actor: Principal,
+    username: str,
+    *,
+    disabled: bool | None = None,
+    role: Role | None = None,
+    password: str | None = None,
+) -> User:
+    """Disable or enable a user, change their role or set their password.
+
+    ``None`` leaves a field as it is; asking for what is already true changes nothing and
+    is not audited. Disabling closes the user's live viewers on every replica (4403, "the
+    user was disabled") and refuses their logins and tokens from then on; the sessions they
+    own keep running. Disabling and a new password both cut off every token issued so far
+    (enabling the user again does not bring those back: they log in anew). Demoting an
+    admin closes their viewers too, since some may show other users' desktops.
+
+    Raises:
+        ApiError: 404 when there is no such user; 409 when admins disable or demote
+            themselves, or when the change would leave no enabled admin; 422 for a
+            password under 8 characters.
+    """
+    if password is not None and len(password) < MIN_PASSWORD_CHARS:
+        raise ApiError(
+            422,
+            "validation_error",
+            f"password must be at least {MIN_PASSWORD_CHARS} characters",
+            fields=[{"field": "body.password", "message": "too short"}],
+        )
+    user = await cp.store.get_user(username)
+    if user is None:
+        raise ApiError(404, "not_found", f"no user {username!r}")
+    if username == actor.username:
+        if disabled and not user.disabled:
+            raise ApiError(409, "conflict", "you cannot disable your own user")
+        if role is not None and role != user.role:
+            raise ApiError(409, "conflict", "you cannot change your own role")
+    changes: dict[str, JsonValue] = {}
+    if disabled is not None and disabled != user.disabled:
+        changes["disabled"] = disabled
+    if role is not None and role != user.role:
+        changes["role"] = role
+    if changes:
+        try:
+            updated = await cp.store.update_user(
+                username, role=role, disabled=disabled, revoke_tokens=bool(disabled)
+            )
+        except LastAdmin as exc:
+            raise ApiError(409, "conflict", str(exc)) from None
+        if updated is None:
+            raise ApiError(404, "not_found", f"no user {username!r}")
+    else:
+        updated = user.model_copy(update={"password_hash": ""})
+    if password is not None:
+        if not await cp.store.set_password(username, await auth.hash_password(password)):
+            raise ApiError(404, "not_found", f"no user {username!r}")
+        changes["password"] = "changed"
+    if not changes:
+        return updated
+    await audit(cp, actor.username, "user.update", f"user/{username}", changes)
+    if changes.get("disabled"):
+        await tunnels.revoke(cp, "user", username, reason="the user was disabled")
+    elif changes.get("role") == "user":
+        await tunnels.revoke(cp, "user", username, reason="the user is no longer an admin")
+    return updated

@@ -156,8 +156,9 @@ async def redeem_token(
     """Use up a viewer's token; return the running session it opens and its grant.
 
     Raises:
-        ApiError: 403 for a missing, unknown, expired, used or other-session token;
-            409 when the session is no longer running; 503 when the hub cannot be asked.
+        ApiError: 403 for a missing, unknown, expired, used or other-session token, or
+            one whose user was deleted or disabled since; 409 when the session is no
+            longer running; 503 when the hub cannot be asked.
     """
     return await _redeem(cp, tokens(cp), token, session_id, "VNC token")
 
@@ -195,8 +196,11 @@ async def _redeem(
         raise ApiError(
             403, "forbidden", f"invalid {what}: unknown, expired, used or for another session"
         )
-    if await cp.store.get_user(grant.username) is None:  # deleted since it was issued
+    user = await cp.store.get_user(grant.username)
+    if user is None:  # deleted since it was issued
         raise ApiError(403, "forbidden", f"invalid {what}: its user no longer exists")
+    if user.disabled:  # disabled since it was issued
+        raise ApiError(403, "user_disabled", f"invalid {what}: its user is disabled")
     session = await cp.store.get_session(session_id)
     if session is None:
         raise ApiError(404, "not_found", f"session {session_id} not found")

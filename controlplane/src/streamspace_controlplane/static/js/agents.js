@@ -1,4 +1,4 @@
-// Admin: the agents, their state and load; forget an offline one; issue it a token.
+// Admin: the agents, their state and load; delete one; issue it a token.
 
 import { call } from "./api.js";
 import { $, busy, clearError, el, loaded, requireLogin, showError, when } from "./page.js";
@@ -9,10 +9,10 @@ const body = table.querySelector("tbody");
 
 function row(agent) {
   const cap = agent.capacity;
-  const forget = el("button", { type: "button", "aria-label": `Forget ${agent.agent_id}`, disabled: agent.status === "online" ? true : null, title: agent.status === "online" ? "Only an offline agent can be forgotten" : null }, "Forget");
-  forget.addEventListener("click", () => {
-    if (confirm(`Forget agent ${agent.agent_id}? It can register again with a valid token.`)) {
-      busy(forget, `Forgetting ${agent.agent_id} failed`, async () => {
+  const remove = el("button", { type: "button", "aria-label": `Delete ${agent.agent_id}` }, "Delete");
+  remove.addEventListener("click", () => {
+    if (confirm(`Delete agent ${agent.agent_id}? Its tokens are revoked and it is disconnected; its sessions stop here (what its platform runs is left there). It comes back only with a new token.`)) {
+      busy(remove, `Deleting ${agent.agent_id} failed`, async () => {
         await call("DELETE", `/api/v1/agents/${encodeURIComponent(agent.agent_id)}`);
         await load();
       });
@@ -28,7 +28,7 @@ function row(agent) {
     el("td", {}, agent.region || "—"),
     el("td", {}, `${cap.current_sessions} of ${cap.max_sessions}`),
     el("td", {}, el("time", { datetime: agent.last_heartbeat || "" }, when(agent.last_heartbeat))),
-    el("td", { class: "actions" }, el("a", { class: "button", href: `/ui/admin/tokens?agent=${encodeURIComponent(agent.agent_id)}` }, "Tokens"), forget),
+    el("td", { class: "actions" }, el("a", { class: "button", href: `/ui/admin/tokens?agent=${encodeURIComponent(agent.agent_id)}` }, "Tokens"), remove),
   );
 }
 

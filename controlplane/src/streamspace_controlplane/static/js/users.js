@@ -1,4 +1,4 @@
-// Admin: the users; create one; delete one.
+// Admin: the users; create one; disable or enable one; delete one.
 
 import { call } from "./api.js";
 import { $, busy, el, loaded, notice, requireLogin, showError, when } from "./page.js";
@@ -9,6 +9,19 @@ const body = table.querySelector("tbody");
 const form = $("user-form");
 
 function row(user) {
+  const self = user.username === me.username;
+  const verb = user.disabled ? "Enable" : "Disable";
+  const toggle = el("button", { type: "button", "aria-label": `${verb} ${user.username}`, disabled: self ? true : null, title: self ? "You cannot disable your own user" : null }, verb);
+  toggle.addEventListener("click", () => {
+    const warning = user.disabled ? "" : " Their logins, tokens and open desktops stop at once; their sessions keep running.";
+    if (confirm(`${verb} user ${user.username}?${warning}`)) {
+      busy(toggle, `${verb === "Enable" ? "Enabling" : "Disabling"} ${user.username} failed`, async () => {
+        await call("PATCH", `/api/v1/users/${encodeURIComponent(user.username)}`, { disabled: !user.disabled });
+        notice(`${user.disabled ? "Enabled" : "Disabled"} ${user.username}.`);
+        await load();
+      });
+    }
+  });
   const remove = el("button", { type: "button", "aria-label": `Delete ${user.username}`, disabled: user.username === me.username ? true : null }, "Delete");
   remove.addEventListener("click", () => {
     if (confirm(`Delete user ${user.username}?`)) {
@@ -23,9 +36,9 @@ function row(user) {
     "tr",
     { "data-user": user.username },
     el("th", { scope: "row" }, user.username),
-    el("td", {}, user.role),
+    el("td", {}, user.role, user.disabled ? el("span", { class: "muted" }, " (disabled)") : null),
     el("td", {}, el("time", { datetime: user.created_at }, when(user.created_at))),
-    el("td", { class: "actions" }, remove),
+    el("td", { class: "actions" }, toggle, remove),
   );
 }
 
