@@ -257,6 +257,11 @@ async def test_a_disabled_user_keeps_their_sessions(store: Store, tmp_path: Path
         assert kept.json()["desired_state"] == "running"
         denied = await api.client.post(f"/api/v1/sessions/{session['id']}/vnc-token", headers=bob)
         assert_error(denied, 403, "user_disabled")
+        for_bob = await api.client.post(
+            "/api/v1/sessions", json={"template": "firefox", "user": "bob"}, headers=api.admin
+        )
+        message = assert_error(for_bob, 422, "validation_error")["message"]
+        assert "'bob' is disabled" in message
 
 
 @pytest.mark.asyncio

@@ -175,10 +175,10 @@ async def create_session(
         labels: Agent label constraints on top of the template's.
 
     Raises:
-        ApiError: 403 when a user names another owner; 422 for an unknown template or
-            owner; 429 when the owner already holds ``MAX_SESSIONS_PER_USER`` sessions
-            that are not stopped, or (with ``Retry-After``) when ``MAX_CONCURRENT_STARTS``
-            sessions are being started.
+        ApiError: 403 when a user names another owner; 422 for an unknown template, or an
+            owner unknown or disabled; 429 when the owner already holds
+            ``MAX_SESSIONS_PER_USER`` sessions that are not stopped, or (with
+            ``Retry-After``) when ``MAX_CONCURRENT_STARTS`` sessions are being started.
     """
     owner = user or actor.username
     if owner != actor.username and actor.role != "admin":
@@ -195,8 +195,14 @@ async def _create(
     region: str | None,
     labels: dict[str, str] | None,
 ) -> Session:
-    if owner != actor.username and await cp.store.get_user(owner) is None:
-        raise ApiError(422, "validation_error", f"no user {owner!r} to own the session")
+    if owner != actor.username:
+        found = await cp.store.get_user(owner)
+        if found is None:
+            raise ApiError(422, "validation_error", f"no user {owner!r} to own the session")
+        if found.disabled:
+            raise ApiError(
+                422, "validation_error", f"user {owner!r} is disabled and cannot own a new session"
+            )
     snapshot = await cp.store.get_template(template)
     if snapshot is None:
         raise ApiError(422, "validation_error", f"no template {template!r}")
