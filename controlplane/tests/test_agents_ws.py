@@ -8,6 +8,7 @@ client connection.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from agentsim import AgentSim, Closed, Harness, Refused, eventually, fast_settings
@@ -16,7 +17,7 @@ from websockets.exceptions import ConnectionClosed
 
 from streamspace_controlplane.models import utcnow
 from streamspace_controlplane.services import sessions as session_service
-from streamspace_controlplane.store.base import Store
+from streamspace_controlplane.store.base import Store, StoreError
 from streamspace_sdk.hooks import Principal
 from streamspace_sdk.platform import SessionSpec
 from streamspace_sdk.protocol import Command, CommandAck, Heartbeat, dump_frame
@@ -401,3 +402,61 @@ async def test_heartbeat_timeout_marks_agent_offline_and_closes_it(
 async def _agent_status(harness: Harness, agent_id: str, status: str) -> bool:
     agent = await harness.cp.store.get_agent(agent_id)
     return agent is not None and agent.status == status
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("lost", ["result", "transition"])
+async def test_a_result_the_store_fails_to_record_closes_the_socket_and_is_recorded_later(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, lost: str
+) -> None:
+    """The store fails once while a result is recorded: finishing the command, or moving the
+    session after it. The agent is told to reconnect (1013, not an error frame it would
+    ignore); once it has, the session is running, with the start carried out once."""
+    store = harness.cp.store
+    failures: list[str] = []
+    if lost == "result":
+        finish = store.finish_command
+
+        async def finish_once(*args: Any, **kwargs: Any) -> Any:
+            if not failures:
+                failures.append("finish_command")
+                raise StoreError("postgres: connection was closed in the middle of operation")
+            return await finish(*args, **kwargs)
+
+        monkeypatch.setattr(store, "finish_command", finish_once)
+    else:
+        update = store.update_session
+
+        async def update_once(*args: Any, **fields: Any) -> Any:
+            if not failures and fields.get("state") == "running":
+                failures.append("update_session")
+                raise StoreError("postgres: connection was closed in the middle of operation")
+            return await update(*args, **fields)
+
+        monkeypatch.setattr(store, "update_session", update_once)
+    sim = await harness.agent("a1")
+    await harness.template()
+    session = await harness.session()
+
+    closed = await sim.wait_closed()
+    assert closed == Closed(
+        1013,
+        "could not record command.result: the store is unavailable; reconnect and send it again",
+    )
+    assert sim.errors == []
+    assert len(failures) == 1
+
+    again = await harness.agent("a1", state=sim.state)  # the agent reconnects, same host
+    running = await harness.wait_state(session.id, "running")  # its hello says so at once
+    assert running.agent_id == "a1"
+
+    async def recorded() -> bool:
+        return [c.status for c in await store.list_commands(session_id=session.id)] == ["completed"]
+
+    await eventually(recorded)
+    [row] = await store.list_commands(session_id=session.id)
+    assert sim.state.starts == 1
+    if lost == "result":  # the acked command is sent again and answered again
+        assert [c.command_id for c in again.commands] == [row.command_id]
+    events = await store.list_session_events(session.id)
+    assert [e.state for e in events].count("running") == 1

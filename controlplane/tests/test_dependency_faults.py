@@ -11,13 +11,13 @@ Expected outcomes, one test each:
   pooled connection), never a 500 and never a hang; ``/ready`` says the store did not
   answer in time; the agent stays connected. Once the hole closes, requests succeed again
   and the session that ran runs on.
-- PostgreSQL connections reset mid-query: the requests caught answer 503 (never a 500),
-  the pool opens new connections, later requests succeed, and no session is started twice.
-  Not yet checked: that every session the agent runs also reaches ``running``. An agent's
-  ack or result whose handling a reset interrupts is answered with an ``internal`` error
-  frame ("send it again later") that the agent does not act on, so such a session stays
-  ``starting`` (or ``scheduled``) while the agent runs it: until ``COMMAND_EXPIRY`` when
-  the command was left ``acked``, for good when it was already ``completed``.
+- PostgreSQL connections reset mid-query, with a real SDK agent: the requests caught
+  answer 503 (never a 500), the pool opens new connections, later requests succeed, no
+  session is started twice, and within :data:`SETTLE_S` of the resets stopping every
+  session the agent runs is ``running``. An ack, result or status report whose recording
+  a reset interrupts closes the agent's socket (1013); the agent reconnects and is sent
+  its unfinished commands again, which it answers from its memory of results; a result
+  stored whose session's transition was cut off is applied again by the reconciler.
 - Redis slow (redis hub): an agent registers and a command reaches it.
 - Redis black hole: ``/ready`` answers 503 naming Redis within the hub's Redis timeout,
   the agent held here is still served, and ``/ready`` is 200 again once the hole closes.
@@ -27,10 +27,11 @@ Expected outcomes, one test each:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -39,11 +40,16 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 from agentsim import AgentSim, Harness, eventually, fast_settings, serve_control_plane
+from pydantic import SecretStr
 
 from streamspace_controlplane.hub.redis import _TIMEOUT_S as REDIS_TIMEOUT_S
 from streamspace_controlplane.store.postgres import PostgresStore
 from streamspace_controlplane.store.sqlite import SqliteStore
-from streamspace_sdk.testing import Faults, TcpBalancer
+from streamspace_sdk import Agent, AgentSettings
+from streamspace_sdk.agent import Backoff
+from streamspace_sdk.hooks import Hooks, make_plugin_manager
+from streamspace_sdk.settings import PluginSettings
+from streamspace_sdk.testing import Faults, MemoryPlatform, MemoryPlatformState, TcpBalancer
 
 REDIS = ("127.0.0.1", 6379)
 DATABASE_TIMEOUT_S = 0.5
@@ -51,6 +57,10 @@ DATABASE_TIMEOUT_S = 0.5
 BOUND_S = 2 * DATABASE_TIMEOUT_S + 1.0
 """Longest a request may take in the black hole: a wait for a pooled connection and one
 statement, each bounded by DATABASE_TIMEOUT, and a second for a busy machine."""
+SETTLE_S = 10.0
+"""Longest the sessions may take to be ``running`` once PostgreSQL resets no more: the
+agent's reconnection (backoff capped at half a second) and the reconciler's re-applying
+of a lost result (4 x DATABASE_TIMEOUT after it was stored), with room for a busy machine."""
 
 
 @dataclass
@@ -74,7 +84,10 @@ async def _timed(request: Awaitable[httpx.Response]) -> tuple[httpx.Response, fl
 
 
 @contextlib.asynccontextmanager
-async def postgres_behind_balancer(dsn: str, tmp_path: Path) -> AsyncIterator[Served]:
+async def postgres_served(
+    dsn: str, tmp_path: Path
+) -> AsyncIterator[tuple[Harness, httpx.AsyncClient, TcpBalancer]]:
+    """Serve a control plane on PostgreSQL behind a balancer, with a template, no agent."""
     parts = urlsplit(dsn)
     async with TcpBalancer([(parts.hostname or "127.0.0.1", parts.port or 5432)]) as pg:
         through = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{pg.port}"))
@@ -84,8 +97,51 @@ async def postgres_behind_balancer(dsn: str, tmp_path: Path) -> AsyncIterator[Se
             harness.http() as http,
         ):
             await harness.template("desktop")
-            sim = await harness.agent("pg-agent", max_sessions=50)
-            yield Served(harness, http, pg, sim)
+            yield harness, http, pg
+
+
+@contextlib.asynccontextmanager
+async def postgres_behind_balancer(dsn: str, tmp_path: Path) -> AsyncIterator[Served]:
+    async with postgres_served(dsn, tmp_path) as (harness, http, pg):
+        sim = await harness.agent("pg-agent", max_sessions=50)
+        yield Served(harness, http, pg, sim)
+
+
+@contextlib.asynccontextmanager
+async def sdk_agent(harness: Harness, agent_id: str) -> AsyncIterator[Agent]:
+    """Run the SDK's agent on a memory platform against ``harness``, registered."""
+    agent = Agent(
+        AgentSettings(
+            agent_id=agent_id,
+            control_plane_url=harness.url,
+            agent_token=SecretStr(await harness.token(agent_id)),
+            platform="memory",
+            health_port=0,
+            heartbeat_interval=0.5,
+            max_sessions=50,
+        ),
+        MemoryPlatform(agent_id=agent_id, state=MemoryPlatformState(max_sessions=50)),
+        hooks=Hooks(
+            make_plugin_manager(
+                settings=PluginSettings(streamspace_load_plugins=""), load_entrypoints=False
+            )
+        ),
+        backoff=Backoff(base_s=0.05, cap_s=0.5, reset_after_s=60.0),
+    )
+    task = asyncio.create_task(agent.serve())
+    try:
+        await eventually(_registered(agent))
+        yield agent
+    finally:
+        await agent.stop()
+        await task
+
+
+def _registered(agent: Agent) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return agent.connection_id is not None
+
+    return check
 
 
 @contextlib.asynccontextmanager
@@ -162,27 +218,42 @@ async def test_postgresql_black_hole_answers_503_within_the_timeout(
 async def test_postgresql_reset_mid_query_fails_requests_not_the_pool(
     fresh_pg_dsn: str, tmp_path: Path
 ) -> None:
-    async with postgres_behind_balancer(fresh_pg_dsn, tmp_path) as net:
-        net.balancer.cut()  # the pool reconnects, so every connection is counted from 0
+    async with (
+        postgres_served(fresh_pg_dsn, tmp_path) as (harness, http, pg),
+        sdk_agent(harness, "pg-agent") as agent,
+    ):
+        host = agent.platform
+        assert isinstance(host, MemoryPlatform)
+        pg.cut()  # the pool reconnects, so every connection is counted from 0
         # Past the handshake and a few queries, so each connection dies mid-query.
-        net.balancer.faults.reset_after_bytes = 12_000
+        pg.faults.reset_after_bytes = 12_000
         statuses: list[int] = []
         while len(statuses) < 40 and (len(statuses) < 8 or 503 not in statuses):
-            statuses.append((await _create(net.http)).status_code)
-        net.balancer.faults.reset_after_bytes = None
+            statuses.append((await _create(http)).status_code)
+        pg.faults.reset_after_bytes = None
+        t0 = time.monotonic()
         assert set(statuses) <= {201, 503}, statuses
         assert 503 in statuses, "no request was caught by a reset"
 
-        await eventually(lambda: _ready(net.http), timeout_s=10)
-        created = await _create(net.http)
+        await eventually(lambda: _ready(http), timeout_s=SETTLE_S)
+        created = await _create(http)
         assert created.status_code == 201, created.text
-        await net.harness.wait_state(created.json()["id"], "running")
-        sessions, _ = await net.harness.cp.store.list_sessions()
+        store = harness.cp.store
+        sessions, _ = await store.list_sessions()
         assert len(sessions) >= statuses.count(201) + 1
         for session in sessions:
-            commands = await net.harness.cp.store.list_commands(session_id=session.id)
-            assert [c.command_type for c in commands] in ([], ["start"]), commands
-        assert net.sim.state.starts == len(net.sim.state.sessions)  # none started twice
+            left = SETTLE_S - (time.monotonic() - t0)
+            await harness.wait_state(session.id, "running", timeout_s=max(left, 0.01))
+        settled = time.monotonic() - t0
+        print(f"{len(sessions)} sessions running {settled:.2f}s after the resets stopped")
+        for session in sessions:
+            commands = await store.list_commands(session_id=session.id)
+            assert [(c.command_type, c.status) for c in commands] == [("start", "completed")]
+            events = await store.list_session_events(session.id)
+            assert "failed" not in [e.state for e in events], events
+            started = [e for e in events if e.previous_state in ("scheduled", "starting")]
+            assert len([e for e in started if e.state == "running"]) <= 1, events
+        assert host.state.starts == len(host.state.sessions) == len(sessions)  # none twice
 
 
 @pytest.mark.asyncio

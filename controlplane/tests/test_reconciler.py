@@ -7,13 +7,15 @@ state; unknown sessions are reported, never stopped; sessions of a vanished agen
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from agentsim import Harness, eventually, fast_settings
 from agentsim import serve_control_plane as served
 
-from streamspace_controlplane.models import DesiredState, Session
+from streamspace_controlplane.dispatcher import dispatcher_of
+from streamspace_controlplane.models import DesiredState, Session, utcnow
 from streamspace_controlplane.reconciler import reconciler_of
 from streamspace_controlplane.services import sessions as session_service
 from streamspace_controlplane.store.base import Store
@@ -254,3 +256,53 @@ async def test_gauges_count_agents_and_sessions(harness: Harness) -> None:
     assert registry.get_sample_value("streamspace_agents", {"status": "offline"}) == 0
     assert registry.get_sample_value("streamspace_sessions", {"state": "running"}) == 1
     assert registry.get_sample_value("streamspace_sessions", {"state": "pending"}) == 0
+
+
+@pytest.mark.asyncio
+async def test_a_stored_result_that_never_moved_its_session_is_applied_again(
+    harness: Harness,
+) -> None:
+    """The store failed after keeping a start's result and before the session's transition:
+    the full pass applies it, once. A session whose generation moved on since, or that
+    changed after the result was stored, is left as it is."""
+    store = harness.cp.store
+    sim = await harness.agent("a1", auto_execute=False)
+    await harness.template()
+    now = utcnow()
+
+    async def started_but_unapplied(*, stored: timedelta, changed: timedelta) -> Session:
+        """A session ``starting`` whose start finished ``stored`` ago, last changed ``changed``
+        ago, as if the store failed between ``finish_command`` and the transition."""
+        session = await harness.session()
+        start = await sim.command_for(session.id, "start")
+        await sim.ack(start)
+        await harness.wait_state(session.id, "starting")
+        result = await sim.execute(start)
+        finished = await store.finish_command(
+            start.command_id, "completed", result.model_dump(mode="json"), now - stored
+        )
+        assert finished is not None
+        updated = await store.update_session(session.id, updated_at=now - changed)
+        assert updated is not None
+        return updated
+
+    lost = await started_but_unapplied(stored=timedelta(hours=1), changed=timedelta(hours=2))
+    moved_on = await started_but_unapplied(stored=timedelta(hours=1), changed=timedelta(hours=2))
+    await store.update_session(moved_on.id, generation=2, updated_at=now - timedelta(hours=2))
+    changed = await started_but_unapplied(stored=timedelta(hours=1), changed=timedelta(minutes=1))
+
+    reconciler = reconciler_of(harness.cp)
+    await reconciler.run_once()
+    healed = await harness.wait_state(lost.id, "running")
+    assert healed.platform_metadata == {"user": "alice"}
+    await reconciler.run_once()  # nothing left to apply
+    events = await store.list_session_events(lost.id)
+    assert [(e.previous_state, e.state) for e in events][-2:] == [
+        ("scheduled", "starting"),
+        ("starting", "running"),
+    ]
+    for session in (moved_on, changed):
+        now_is = await store.get_session(session.id)
+        assert now_is is not None
+        assert now_is.state == "starting", session.id
+    assert await dispatcher_of(harness.cp).reapply_results() == 0

@@ -6,7 +6,9 @@ delivers it through the hub and marks it ``sent`` with a deadline. The agent ack
 time up to a minute. The agent's result finishes the row once (``completed`` or ``failed``)
 and drives the session's state machine; a row not finished within ``COMMAND_EXPIRY`` is
 ``expired`` and its session ``failed``. Agents handle commands idempotently on
-``(session_id, generation)``, so every redelivery is safe.
+``(session_id, generation)``, so every redelivery is safe. A result stored whose session
+never moved (the store failed in between) is applied again by the reconciler's full pass,
+through :meth:`Dispatcher.reapply_results`.
 
 With several replicas, a pod sends only to the agents whose sockets it holds. A command
 enqueued on another pod wakes the holder through the hub; the row is the record of truth,
@@ -42,6 +44,15 @@ _FLUSH_LIMIT = 10_000
 _FAR_FUTURE = timedelta(days=36500)
 
 _EXTRA_KEY = "dispatcher"
+
+_AWAITING_RESULT: dict[str, frozenset[str]] = {
+    "start": frozenset({"scheduled", "starting"}),
+    "wake": frozenset({"hibernated", "starting"}),
+    "hibernate": frozenset({"starting", "running"}),
+    "stop": frozenset({"stopping", "failed"}),
+}
+"""Per command type: the states its session is in until the result moves it (the state
+before the ack and the one the ack moves it to). Anywhere else, something newer happened."""
 
 
 def dispatcher_of(cp: ControlPlane) -> Dispatcher:
@@ -108,6 +119,9 @@ class Dispatcher(KickLoop):
             or a quarter of ``COMMAND_EXPIRY`` if that is shorter.
         idle_poll_s: Longest a sender sleeps without being woken before it looks at the
             store again; a safety net, since enqueues and registrations wake it.
+        result_grace_s: How long a stored result may take to move its session before
+            :meth:`reapply_results` counts it as lost; by default four times
+            ``DATABASE_TIMEOUT``.
     """
 
     def __init__(
@@ -116,6 +130,7 @@ class Dispatcher(KickLoop):
         *,
         sweep_interval_s: float | None = None,
         idle_poll_s: float = 30.0,
+        result_grace_s: float | None = None,
     ) -> None:
         settings = cp.settings
         super().__init__(
@@ -130,6 +145,12 @@ class Dispatcher(KickLoop):
         self.expiry_s = settings.command_expiry
         """A command not finished this long after it was enqueued expires."""
         self.idle_poll_s = idle_poll_s
+        self.result_grace_s = (
+            result_grace_s if result_grace_s is not None else 4 * settings.database_timeout
+        )
+        """A result moves its session two statements after it is stored (read the session,
+        update it), each allowed ``DATABASE_TIMEOUT`` and as long again for a pooled
+        connection: one stored longer ago, its session unchanged, will not move it."""
         self._wake: dict[str, asyncio.Event] = {}
         self._flush: set[str] = set()
         self._senders: dict[str, asyncio.Task[None]] = {}
@@ -413,6 +434,48 @@ class Dispatcher(KickLoop):
         elif updated is not None and state == "stopped" and updated.forget:
             await self.cp.store.delete_session(updated.id)
             logger.info("Session %s stopped and forgotten", updated.id)
+
+    async def reapply_results(self) -> int:
+        """Apply again the results that were stored but never moved their sessions.
+
+        That happens when the store fails after ``finish_command`` and before the session's
+        transition: the agent's repeat is then a duplicate and changes nothing. A result
+        counts as lost when its command is at the session's current generation and agent,
+        the session is still where it was while the command ran (:data:`_AWAITING_RESULT`),
+        and it has not changed since the result was stored, ``result_grace_s`` ago or more.
+        Applying it changes the session, so a second call finds nothing: idempotent, and a
+        session that moved on (a newer generation, a later report) is never moved back.
+
+        Returns:
+            How many results were applied again.
+        """
+        store = self.cp.store
+        states = sorted(set().union(*_AWAITING_RESULT.values()))
+        before = utcnow() - timedelta(seconds=self.result_grace_s)
+        applied = 0
+        for command in await store.unapplied_results(states, before):
+            session = await store.get_session(command.session_id)
+            if (
+                session is None
+                or command.result is None
+                or command.completed_at is None
+                or session.state not in _AWAITING_RESULT.get(command.command_type, ())
+                or (session.generation, session.agent_id) != (command.generation, command.agent_id)
+                or session.updated_at > command.completed_at
+            ):
+                continue
+            logger.warning(
+                "Session %s is still %s, but the %s result of generation %d was stored at %s; "
+                "applying it now",
+                session.id,
+                session.state,
+                command.command_type,
+                command.generation,
+                command.completed_at.isoformat(timespec="seconds"),
+            )
+            await self._apply_result(command, CommandResult.model_validate(command.result))
+            applied += 1
+        return applied
 
     # -- expiry -----------------------------------------------------------------------------
 

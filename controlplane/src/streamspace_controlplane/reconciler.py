@@ -6,6 +6,8 @@ state with its actual state and enqueues the command that closes the gap (``stop
 failure). It also keeps agents honest: an agent silent past ``AGENT_HEARTBEAT_TIMEOUT`` is
 marked offline and its socket closed, and the sessions of an agent offline past
 ``LOST_GRACE_PERIOD`` become ``lost``, and ``running`` again if it comes back with them.
+A result the store kept but whose session never moved (the store failed in between) is
+applied again (:meth:`~streamspace_controlplane.dispatcher.Dispatcher.reapply_results`).
 The sessions of an agent an admin deletes are stopped and unplaced at once
 (:meth:`Reconciler.on_agent_deleted`): no agent is left to tell.
 Sessions an agent reports that the store does not know are logged and audited, never
@@ -123,6 +125,7 @@ class Reconciler(KickLoop):
         if not leading:
             return
         await self._mark_lost(agents, now)
+        await dispatcher_of(self.cp).reapply_results()
         known = {agent.agent_id for agent in agents}
         seen: set[str] = set()
         for session in await self._sessions():

@@ -9,7 +9,10 @@ through :func:`~streamspace_sdk.protocol.parse_frame`; a frame that fails is ans
 Close codes: 4000 superseded by a newer connection of the same agent, 4400 bad hello or
 protocol version, 4401 no valid token (refused as HTTP 401 before the handshake where the
 server supports denial responses, else HTTP 403), 4403 token of another agent, 4408 no hello
-or no heartbeat in time, 4409 stale fencing epoch.
+or no heartbeat in time, 4409 stale fencing epoch, 4429 another live process of the agent.
+1013 (the store is unavailable) and 1011 (an unexpected failure) close a socket whose ack,
+result or status report could not be recorded: the agent reconnects, and the registration
+catches it up, so the frame is sent again rather than lost.
 
 Serve with permessage-deflate off (uvicorn ``ws_per_message_deflate=False``, as ``serve``
 does): agent frames are small and frequent, and compression costs more CPU and memory per
@@ -242,7 +245,8 @@ async def _serve(cp: ControlPlane, websocket: WebSocket, conn: AgentSocket) -> N
     """Read frames until the socket closes; answer refused ones with an error frame.
 
     Raises:
-        Refused: Another connection of the agent took over.
+        Refused: Another connection of the agent took over, or a frame whose loss would
+            lose state could not be recorded.
     """
     refused = cp.metrics.frames_refused
     while True:

@@ -19,7 +19,7 @@ from streamspace_controlplane.dispatcher import dispatcher_of
 from streamspace_controlplane.hub.base import AgentConnection, HubUnavailable
 from streamspace_controlplane.models import AgentRecord, utcnow
 from streamspace_controlplane.reconciler import CLOSE_HEARTBEAT_TIMEOUT, reconciler_of
-from streamspace_controlplane.store.base import StaleEpoch
+from streamspace_controlplane.store.base import StaleEpoch, StoreError
 from streamspace_sdk.protocol import (
     PROTOCOL_VERSION,
     AgentHello,
@@ -41,7 +41,9 @@ __all__ = [
     "CLOSE_DUPLICATE",
     "CLOSE_FORBIDDEN",
     "CLOSE_HEARTBEAT_TIMEOUT",
+    "CLOSE_NOT_RECORDED",
     "CLOSE_STALE_EPOCH",
+    "CLOSE_STORE_UNAVAILABLE",
     "CLOSE_SUPERSEDED",
     "CLOSE_UNAUTHORIZED",
     "SUPPORTED_PROTOCOL_VERSIONS",
@@ -66,6 +68,12 @@ CLOSE_STALE_EPOCH = 4409
 """A newer lease holder of the same agent id has registered (fencing)."""
 CLOSE_DUPLICATE = 4429
 """Another process of this agent id is connected and alive, with no lower fencing epoch."""
+CLOSE_STORE_UNAVAILABLE = 1013
+"""A registration, ack, result or status report could not be stored ("try again later", RFC
+6455): the agent reconnects with backoff, reports its sessions again, and the registration
+sends it every unfinished command again."""
+CLOSE_NOT_RECORDED = 1011
+"""As :data:`CLOSE_STORE_UNAVAILABLE`, for an unexpected failure (logged with its traceback)."""
 
 _LOCKS_KEY = "registry.locks"
 
@@ -165,9 +173,13 @@ async def register(
     the hub (closing the one it supersedes), sends ``agent.welcome``, then sends every
     command it has not finished, reconciles the sessions it reports, and kicks the scheduler.
 
+    When the store fails before the welcome, the registration is refused with
+    :data:`CLOSE_STORE_UNAVAILABLE`; when it fails taking in the sessions the hello
+    reports, the connection is closed with that code, so the agent says it all again.
+
     Raises:
         Refused: The hello names another agent than the token, speaks an unsupported
-            protocol version, or carries a stale fencing epoch.
+            protocol version, or carries a stale fencing epoch; or the store failed.
     """
     if hello.agent_id != token_agent_id:
         raise Refused(
@@ -191,7 +203,10 @@ async def register(
     # connection and the hub's always end up the same one.
     async with _registration_lock(cp, hello.agent_id):
         now = utcnow()
-        await _refuse_duplicate(cp, hello, now)
+        try:
+            await _refuse_duplicate(cp, hello, now)
+        except StoreError as exc:
+            raise _not_registered(hello.agent_id, exc) from None
         try:
             agent = await cp.store.register_agent(
                 AgentRecord(
@@ -215,6 +230,8 @@ async def register(
                 CLOSE_STALE_EPOCH,
                 f"stale fencing epoch {exc.epoch} < {exc.highest}: a newer leader exists",
             ) from None
+        except StoreError as exc:
+            raise _not_registered(hello.agent_id, exc) from None
         old = await cp.hub.attach(conn)
         if old is not None:
             logger.info(
@@ -238,11 +255,32 @@ async def register(
     dispatcher_of(cp).agent_connected(agent.agent_id)
     try:
         await reconciler_of(cp).on_agent_registered(agent.agent_id, hello.sessions)
-    except Exception:
-        logger.exception("Reconciling the sessions agent %s reported failed", agent.agent_id)
-        cp.reconciler.kick()
+    except Exception as exc:
+        # What the hello reports (a lost session that runs on, say) is said only once.
+        code, why = CLOSE_NOT_RECORDED, "internal error"
+        if isinstance(exc, StoreError):
+            code, why = CLOSE_STORE_UNAVAILABLE, "the store is unavailable"
+            logger.warning(
+                "Could not record the sessions agent %s reported; closing its connection so "
+                "it reports them again: %s",
+                agent.agent_id,
+                exc,
+            )
+        else:
+            logger.exception(
+                "Reconciling the sessions agent %s reported failed; closing its connection "
+                "so it reports them again",
+                agent.agent_id,
+            )
+        await conn.close(code, f"could not record the sessions reported: {why}; reconnect")
+        return agent
     cp.scheduler.kick()
     return agent
+
+
+def _not_registered(agent_id: str, exc: StoreError) -> Refused:
+    logger.warning("Could not register agent %s: %s", agent_id, exc)
+    return Refused(CLOSE_STORE_UNAVAILABLE, "could not register: the store is unavailable")
 
 
 async def handle(cp: ControlPlane, conn: AgentConnection, frame: Frame) -> Error | None:
@@ -253,26 +291,32 @@ async def handle(cp: ControlPlane, conn: AgentConnection, frame: Frame) -> Error
 
     Raises:
         Refused: The heartbeat found that another connection of the agent has taken over,
-            or that the agent was marked offline meanwhile; it must register again.
+            or that the agent was marked offline meanwhile; it must register again. Or an
+            ack, result or status report could not be recorded; it must send it again.
     """
     agent_id = conn.agent_id
     if isinstance(frame, Heartbeat):
-        if not await cp.store.heartbeat_agent(
-            agent_id, conn.conn_id, frame.usage.model_dump(mode="json"), utcnow()
-        ):
+        try:
+            current = await cp.store.heartbeat_agent(
+                agent_id, conn.conn_id, frame.usage.model_dump(mode="json"), utcnow()
+            )
+        except StoreError as exc:
+            # Nothing is lost: the next heartbeat counts, and two may miss before a timeout.
+            logger.warning("Could not record a heartbeat of agent %s: %s", agent_id, exc)
+            return Error(
+                code="unavailable",
+                message="the store is unavailable; the heartbeat was not recorded",
+                ref=frame.type,
+            )
+        if not current:
             agent = await cp.store.get_agent(agent_id)
             if agent is not None and agent.websocket_conn_id == conn.conn_id:
                 raise Refused(CLOSE_HEARTBEAT_TIMEOUT, "marked offline after missed heartbeats")
             raise Refused(CLOSE_SUPERSEDED, "superseded by a newer connection")
         await cp.hub.refresh(conn)
         return None
-    if isinstance(frame, CommandAck):
-        return await dispatcher_of(cp).on_ack(agent_id, frame)
-    if isinstance(frame, CommandResult):
-        return await dispatcher_of(cp).on_result(agent_id, frame)
-    if isinstance(frame, SessionStatusReport):
-        await reconciler_of(cp).on_status(agent_id, frame.status)
-        return None
+    if isinstance(frame, CommandAck | CommandResult | SessionStatusReport):
+        return await _record(cp, agent_id, frame)
     if isinstance(frame, Shutdown):
         logger.info("Agent %s is shutting down: %s", agent_id, frame.reason or "no reason given")
         return None
@@ -297,6 +341,50 @@ async def handle(cp: ControlPlane, conn: AgentConnection, frame: Frame) -> Error
     else:
         message = f"{frame.type} is not a frame an agent sends to the control plane"
     return Error(code="unexpected", message=message, ref=frame.type)
+
+
+async def _record(
+    cp: ControlPlane, agent_id: str, frame: CommandAck | CommandResult | SessionStatusReport
+) -> Error | None:
+    """Act on a frame whose loss would lose state, or refuse the connection.
+
+    An error frame would not do: the agent has sent it and moved on. Closing the socket
+    makes it reconnect, and the registration catches it up: every unfinished command is
+    sent again (an acked one too), the agent answers each with its result (a finished
+    one from memory, so nothing runs twice), and its hello reports every session's state.
+
+    Raises:
+        Refused: The store failed (:data:`CLOSE_STORE_UNAVAILABLE`), or something
+            unexpected did (:data:`CLOSE_NOT_RECORDED`).
+    """
+    try:
+        if isinstance(frame, CommandAck):
+            return await dispatcher_of(cp).on_ack(agent_id, frame)
+        if isinstance(frame, CommandResult):
+            return await dispatcher_of(cp).on_result(agent_id, frame)
+        await reconciler_of(cp).on_status(agent_id, frame.status)
+        return None
+    except StoreError as exc:
+        logger.warning(
+            "Could not record %s from agent %s; closing its connection so it sends it again: %s",
+            frame.type,
+            agent_id,
+            exc,
+        )
+        raise Refused(
+            CLOSE_STORE_UNAVAILABLE,
+            f"could not record {frame.type}: the store is unavailable; reconnect and send it again",
+        ) from None
+    except Exception:
+        logger.exception(
+            "Recording %s from agent %s failed; closing its connection so it sends it again",
+            frame.type,
+            agent_id,
+        )
+        raise Refused(
+            CLOSE_NOT_RECORDED,
+            f"could not record {frame.type}: internal error; reconnect and send it again",
+        ) from None
 
 
 async def unregister(cp: ControlPlane, conn: AgentConnection) -> None:

@@ -840,6 +840,27 @@ class SqlStore(Store):
         )
         return await self._fetch(_COMMANDS, sql, *_OPEN_STATUSES, self._time(before))
 
+    async def unapplied_results(
+        self, states: Sequence[str], finished_before: datetime
+    ) -> list[CommandRecord]:
+        """Return finished results their sessions may not show, in one query, oldest first.
+
+        It starts from the sessions in ``states`` (indexed) and joins each to the command
+        of its current generation through the ``(session_id, generation, ...)`` key.
+        """
+        states = list(states)
+        if not states:
+            return []
+        columns = ", ".join(f"c.{_quote(c)} AS {_quote(c)}" for c in _COMMANDS.columns)
+        sql = (
+            f"SELECT {columns} FROM sessions s JOIN agent_commands c "
+            "ON c.session_id = s.id AND c.generation = s.generation AND c.agent_id = s.agent_id "
+            f"WHERE s.state IN {_in(states)} AND c.status IN ('completed', 'failed') "
+            "AND c.result IS NOT NULL AND c.completed_at < ? AND s.updated_at <= c.completed_at "
+            "ORDER BY c.completed_at, c.command_id"
+        )
+        return await self._fetch(_COMMANDS, sql, *states, self._time(finished_before))
+
     # -- events and audit -------------------------------------------------------------
 
     async def add_session_event(self, event: SessionEventRecord) -> SessionEventRecord:

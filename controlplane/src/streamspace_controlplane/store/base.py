@@ -340,6 +340,34 @@ class Store(ABC):
     async def open_commands_before(self, before: datetime) -> list[CommandRecord]:
         """Return commands not final and created before ``before`` (to expire them)."""
 
+    async def unapplied_results(
+        self, states: Sequence[str], finished_before: datetime
+    ) -> list[CommandRecord]:
+        """Return the results that may never have reached their sessions.
+
+        That is every ``completed`` or ``failed`` command with a stored result, finished
+        before ``finished_before``, at its session's current generation and agent, whose
+        session is in one of ``states`` and has not been updated since the command
+        finished (applying a result always updates its session). Oldest first.
+
+        The default reads every finished command; SQL stores answer in one query.
+        """
+        found: list[CommandRecord] = []
+        for command in await self.list_commands(statuses=["completed", "failed"]):
+            if command.result is None or command.completed_at is None:
+                continue
+            if command.completed_at >= finished_before:
+                continue
+            session = await self.get_session(command.session_id)
+            if (
+                session is not None
+                and session.state in states
+                and (session.generation, session.agent_id) == (command.generation, command.agent_id)
+                and session.updated_at <= command.completed_at
+            ):
+                found.append(command)
+        return sorted(found, key=lambda c: (c.completed_at, c.command_id))
+
     # -- events and audit -----------------------------------------------------------------
 
     @abstractmethod
