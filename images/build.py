@@ -28,14 +28,14 @@ What it does:
 
 The images run as uid 10001 (user ``streamspace``, home ``/home/streamspace``). The script
 prints one ``<tag> <image id>`` line per image it built; progress goes to standard error.
-Needs the ``docker`` Python package and a Docker engine (``DOCKER_HOST`` or the local socket).
+Needs the ``docker`` Python package, ``streamspace-docker`` (its
+:func:`~streamspace_docker.image.ensure_rootfs_image` makes the base) and a Docker engine
+(``DOCKER_HOST`` or the local socket).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
 import re
 import shlex
 import shutil
@@ -52,10 +52,12 @@ from typing import Any
 import docker
 import docker.errors
 
+from streamspace_docker.image import Rootfs, ensure_rootfs_image
+from streamspace_sdk.errors import PlatformError
+
 __all__ = [
     "BASE_IMAGE",
     "IMAGES",
-    "RECIPE_LABEL",
     "BuildError",
     "Target",
     "build_images",
@@ -69,9 +71,6 @@ REPO = HERE.parent
 BASE_IMAGE = "streamspace/python-base:bookworm"
 """The tag of the base this script makes when no ``--base-image`` is given."""
 
-RECIPE_LABEL = "io.streamspace.recipe"
-"""Label of the made base holding the hash of its recipe."""
-
 IMAGES: dict[str, str] = {
     "control-plane": "streamspace/control-plane",
     "k8s-agent": "streamspace/k8s-agent",
@@ -82,7 +81,6 @@ IMAGES: dict[str, str] = {
 PROJECT_DIRS = ("sdk", "controlplane", "plugins")
 """Where the StreamSpace packages live: a folder with a pyproject.toml, or a folder of them."""
 
-_SUITE = "bookworm"
 _MIRRORS = (
     "deb http://deb.debian.org/debian bookworm bookworm-updates main",
     "deb http://deb.debian.org/debian-security bookworm-security main",
@@ -110,6 +108,16 @@ _BASE_CHANGES = (
     "ENV LANG=C.UTF-8",
     'CMD ["python3"]',
 )
+BASE = Rootfs(
+    suite="bookworm",
+    packages=_BASE_PACKAGES,
+    options=_BASE_OPTIONS,
+    excludes=_BASE_EXCLUDES,
+    hooks=_BASE_HOOKS,
+    changes=_BASE_CHANGES,
+    mirrors=_MIRRORS,
+)
+"""The recipe of the base made when no ``--base-image`` is given."""
 _UV_MANYLINUX = (17, 28, *range(31, 41))
 """The glibc minors ``uv pip compile --python-platform`` knows (``x86_64-manylinux_2_36``)."""
 _CACHE = Path.home() / ".cache" / "streamspace-images"
@@ -189,13 +197,6 @@ def _say(line: str) -> None:
 # -- the base -------------------------------------------------------------------------------
 
 
-def base_recipe_id() -> str:
-    """Return the hash of everything that goes into the made base."""
-    parts = [_SUITE, *_MIRRORS, *_BASE_OPTIONS, *_BASE_PACKAGES, *_BASE_EXCLUDES, *_BASE_HOOKS]
-    parts += _BASE_CHANGES
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
-
-
 def ensure_base(
     client: docker.DockerClient,
     tag: str = BASE_IMAGE,
@@ -208,67 +209,13 @@ def ensure_base(
     Raises:
         BuildError: ``mmdebstrap`` is missing or fails, or the engine refuses the import.
     """
-    wanted = base_recipe_id()
-    found = _inspect(client, tag)
-    if not rebuild and found is not None and _labels(found).get(RECIPE_LABEL) == wanted:
-        return str(found["Id"])
-    mmdebstrap = shutil.which("mmdebstrap")
-    if mmdebstrap is None:
-        raise BuildError(
-            f"making the base {tag} needs mmdebstrap: apt-get install mmdebstrap (and run as "
-            "root), or pass --base-image python:3.11-slim-bookworm where a registry answers"
-        )
-    with tempfile.TemporaryDirectory(prefix="streamspace-base-") as tmp:
-        rootfs = Path(tmp, "rootfs.tar")
-        argv = [
-            mmdebstrap,
-            *_BASE_OPTIONS,
-            f"--include={','.join(_BASE_PACKAGES)}",
-            *(f"--dpkgopt=path-exclude={p}" for p in _BASE_EXCLUDES),
-            *(f"--customize-hook={h}" for h in _BASE_HOOKS),
-            _SUITE,
-            str(rootfs),
-            *_MIRRORS,
-        ]
-        progress(f"making {tag} with mmdebstrap ({_SUITE}: {', '.join(_BASE_PACKAGES)})")
-        _run_mmdebstrap(argv, progress)
-        progress(f"importing {rootfs.stat().st_size // 2**20} MiB into the engine as {tag}")
-        repository, _, version = tag.rpartition(":")
-        if not repository or "/" in version:
-            repository, version = tag, "latest"
-        try:
-            client.api.import_image(
-                src=str(rootfs),
-                repository=repository,
-                tag=version,
-                changes=[*_BASE_CHANGES, f"LABEL {RECIPE_LABEL}={wanted}"],
-            )
-        except docker.errors.DockerException as exc:
-            raise BuildError(f"the Docker engine refused to import {tag}: {exc}") from None
-    previous, found = found, _inspect(client, tag)
-    if found is None:
-        raise BuildError(f"the engine reported no error, yet has no image {tag}")
-    progress(f"{tag} is {found['Id']}")
-    if previous is not None and previous["Id"] != found["Id"]:
-        with contextlib.suppress(docker.errors.APIError):  # images built on it still use it
-            client.api.remove_image(previous["Id"])
-    return str(found["Id"])
-
-
-def _run_mmdebstrap(argv: list[str], progress: Progress) -> None:
-    tail: list[str] = []
-    with subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
-    ) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip()
-            tail = [*tail[-19:], line]
-            if line.startswith("I: "):  # mmdebstrap's stage lines; the rest is apt's detail
-                progress(line)
-    if proc.returncode != 0:
-        lines = "\n".join(tail)
-        raise BuildError(f"mmdebstrap failed (exit {proc.returncode}); it said:\n{lines}")
+    try:
+        return ensure_rootfs_image(client.api, tag, BASE, rebuild=rebuild, progress=progress)
+    except PlatformError as exc:
+        hint = ""
+        if "needs mmdebstrap" in str(exc):
+            hint = "; or pass --base-image python:3.11-slim-bookworm where a registry answers"
+        raise BuildError(f"{exc}{hint}") from None
 
 
 def probe_target(client: docker.DockerClient, image: str) -> Target:
@@ -605,10 +552,6 @@ def _inspect(client: docker.DockerClient, tag: str) -> dict[str, Any] | None:
     except docker.errors.ImageNotFound:
         return None
     return found
-
-
-def _labels(image: dict[str, Any]) -> dict[str, str]:
-    return dict((image.get("Config") or {}).get("Labels") or {})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,12 +8,14 @@ hash of its recipe, so a build is skipped when the engine already has this recip
 
 Run ``python -m streamspace_docker.image`` (as root, for mmdebstrap; Debian's ``mmdebstrap``
 package) to build it; the tests and a template with ``image: streamspace/desktop:bookworm``
-use it.
+use it. :func:`ensure_rootfs_image` makes any such image from a :class:`Rootfs` recipe
+(``images/build.py`` makes the Python base of the StreamSpace images with it).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import logging
 import shutil
@@ -21,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,15 @@ import docker
 
 from streamspace_sdk.errors import PlatformError
 
-__all__ = ["DESKTOP_IMAGE", "RECIPE_LABEL", "ensure_desktop_image", "main"]
+__all__ = [
+    "DESKTOP",
+    "DESKTOP_IMAGE",
+    "RECIPE_LABEL",
+    "Rootfs",
+    "ensure_desktop_image",
+    "ensure_rootfs_image",
+    "main",
+]
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +84,42 @@ _CHANGES = (
 _EXCLUDES = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/locale/*", "/usr/share/info/*")
 
 
-def recipe_id() -> str:
-    """Return the hash of everything that goes into the image."""
-    parts = [_SUITE, *_PACKAGES, _START_SCRIPT, *_HOOKS, *_CHANGES, *_EXCLUDES]
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+@dataclass(frozen=True)
+class Rootfs:
+    """What ``mmdebstrap`` puts into an image, and what ``docker import`` sets on it."""
+
+    suite: str
+    """Debian release, e.g. ``bookworm``."""
+    packages: tuple[str, ...]
+    """Packages installed on top of the variant's."""
+    options: tuple[str, ...] = ("--variant=minbase",)
+    """Further ``mmdebstrap`` options."""
+    excludes: tuple[str, ...] = ()
+    """Paths dpkg leaves out (``path-exclude`` globs)."""
+    hooks: tuple[str, ...] = ()
+    """``--customize-hook`` commands, run with the rootfs as ``$1``."""
+    files: tuple[tuple[str, str], ...] = ()
+    """``(path in the image, content)``, installed with mode 755 after the hooks."""
+    changes: tuple[str, ...] = ()
+    """Dockerfile instructions ``docker import`` applies (``USER``, ``CMD``, ...)."""
+    mirrors: tuple[str, ...] = ()
+    """APT sources; none: mmdebstrap's default mirror."""
+
+    def recipe_id(self) -> str:
+        """Return a hash of everything that goes into the image."""
+        parts = [repr(field) for field in astuple(self)]
+        return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+DESKTOP = Rootfs(
+    suite=_SUITE,
+    packages=_PACKAGES,
+    excludes=_EXCLUDES,
+    hooks=_HOOKS,
+    files=(("/usr/local/bin/streamspace-desktop", _START_SCRIPT),),
+    changes=_CHANGES,
+)
+"""The desktop session image's recipe."""
 
 
 def ensure_desktop_image(
@@ -86,57 +129,78 @@ def ensure_desktop_image(
     rebuild: bool = False,
     progress: Callable[[str], None] = log.info,
 ) -> str:
-    """Return the id of ``tag``, building it first unless the engine has this recipe's image.
+    """Return the id of the desktop image ``tag``, building it first unless the engine has
+    this recipe's image.
 
     Raises:
         PlatformError: ``mmdebstrap`` is missing or fails, or the engine refuses the import.
     """
-    wanted = recipe_id()
-    if not rebuild:
-        found = _inspect(client, tag)
-        if (
-            found is not None
-            and (found.get("Config") or {}).get("Labels", {}).get(RECIPE_LABEL) == wanted
-        ):
-            return str(found["Id"])
+    return ensure_rootfs_image(client, tag, DESKTOP, rebuild=rebuild, progress=progress)
+
+
+def ensure_rootfs_image(
+    client: docker.APIClient,
+    tag: str,
+    rootfs: Rootfs,
+    *,
+    rebuild: bool = False,
+    progress: Callable[[str], None] = log.info,
+) -> str:
+    """Return the id of ``tag``, making it from ``rootfs`` first unless the engine has an
+    image of this recipe under that tag. A replaced image is removed when nothing uses it.
+
+    Raises:
+        PlatformError: ``mmdebstrap`` is missing or fails, or the engine refuses the import.
+    """
+    wanted = rootfs.recipe_id()
+    found = _inspect(client, tag)
+    labels = ((found or {}).get("Config") or {}).get("Labels") or {}
+    if not rebuild and found is not None and labels.get(RECIPE_LABEL) == wanted:
+        return str(found["Id"])
     mmdebstrap = shutil.which("mmdebstrap")
     if mmdebstrap is None:
         raise PlatformError(
             f"building {tag} needs mmdebstrap: apt-get install mmdebstrap (and run as root)"
         )
     with tempfile.TemporaryDirectory(prefix="streamspace-image-") as tmp:
-        script = Path(tmp, "streamspace-desktop")
-        script.write_text(_START_SCRIPT)
-        rootfs = Path(tmp, "rootfs.tar")
+        installs = []
+        for i, (path, content) in enumerate(rootfs.files):
+            source = Path(tmp, f"file-{i}")
+            source.write_text(content)
+            installs.append(f'install -D -m 755 "{source}" "$1{path}"')
+        archive = Path(tmp, "rootfs.tar")
         argv = [
             mmdebstrap,
-            "--variant=minbase",
-            f"--include={','.join(_PACKAGES)}",
-            *(f"--dpkgopt=path-exclude={p}" for p in _EXCLUDES),
-            *(f"--customize-hook={h}" for h in _HOOKS),
-            f'--customize-hook=install -m 755 "{script}" "$1/usr/local/bin/streamspace-desktop"',
-            _SUITE,
-            str(rootfs),
+            *rootfs.options,
+            f"--include={','.join(rootfs.packages)}",
+            *(f"--dpkgopt=path-exclude={p}" for p in rootfs.excludes),
+            *(f"--customize-hook={h}" for h in (*rootfs.hooks, *installs)),
+            rootfs.suite,
+            str(archive),
+            *rootfs.mirrors,
         ]
-        progress(f"building {tag} with mmdebstrap ({_SUITE}: {', '.join(_PACKAGES)})")
+        progress(f"building {tag} with mmdebstrap ({rootfs.suite}: {', '.join(rootfs.packages)})")
         _run(argv, progress)
-        progress(f"importing {rootfs.stat().st_size // 2**20} MiB into the engine as {tag}")
+        progress(f"importing {archive.stat().st_size // 2**20} MiB into the engine as {tag}")
         repository, _, version = tag.rpartition(":")
         if not repository or "/" in version:
             repository, version = tag, "latest"
         try:
             client.import_image(
-                src=str(rootfs),
+                src=str(archive),
                 repository=repository,
                 tag=version,
-                changes=[*_CHANGES, f"LABEL {RECIPE_LABEL}={wanted}"],
+                changes=[*rootfs.changes, f"LABEL {RECIPE_LABEL}={wanted}"],
             )
         except docker.errors.DockerException as exc:
             raise PlatformError(f"the Docker engine refused to import {tag}: {exc}") from None
-    found = _inspect(client, tag)
+    previous, found = found, _inspect(client, tag)
     if found is None:
         raise PlatformError(f"the engine reported no error, yet has no image {tag}")
     progress(f"{tag} is {found['Id']}")
+    if previous is not None and previous["Id"] != found["Id"]:
+        with contextlib.suppress(docker.errors.APIError):  # containers or images still use it
+            client.remove_image(previous["Id"])
     return str(found["Id"])
 
 
