@@ -13,7 +13,9 @@ server other tests use. Expected outcomes:
 
 from __future__ import annotations
 
+import logging
 import socket
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -41,7 +43,10 @@ def take_away(balancer: TcpBalancer) -> list[tuple[str, int]]:
 
 
 @pytest.mark.asyncio
-async def test_postgresql_away_and_back(fresh_pg_dsn: str, tmp_path: Path) -> None:
+async def test_postgresql_away_and_back(
+    fresh_pg_dsn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "streamspace.controlplane")
     parts = urlsplit(fresh_pg_dsn)
     async with TcpBalancer([(parts.hostname or "127.0.0.1", parts.port or 5432)]) as pg:
         through = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{pg.port}"))
@@ -62,6 +67,8 @@ async def test_postgresql_away_and_back(fresh_pg_dsn: str, tmp_path: Path) -> No
             assert refused.status_code == 503, refused.text
             assert refused.json()["error"]["code"] == "unavailable"
             assert harness.cp.hub.local("pg-agent") is not None  # still connected
+            # The background passes say what is wrong, once, without a traceback.
+            await eventually(_logged(caplog, logging.WARNING, "pass failed: "), timeout_s=5)
 
             pg.backends = backends
 
@@ -76,6 +83,20 @@ async def test_postgresql_away_and_back(fresh_pg_dsn: str, tmp_path: Path) -> No
             assert again is not None
             assert again.state == "running"
             assert not sim.errors or all(e.code == "internal" for e in sim.errors)
+            await eventually(_logged(caplog, logging.INFO, "pass works again"), timeout_s=5)
+            failed = [r for r in caplog.records if "pass failed" in r.getMessage()]
+            assert all(r.exc_info is None for r in failed)  # known: no traceback
+            messages = [r.getMessage() for r in failed]
+            assert len(messages) == len(set(messages))  # each distinct failure logged once
+
+
+def _logged(
+    caplog: pytest.LogCaptureFixture, level: int, text: str
+) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return any(r.levelno == level and text in r.getMessage() for r in caplog.records)
+
+    return check
 
 
 @pytest.mark.asyncio

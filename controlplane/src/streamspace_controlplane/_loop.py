@@ -1,4 +1,5 @@
-"""A background loop that runs a pass when kicked and at least every interval."""
+"""A background loop that runs a pass when kicked and at least every interval, and how a
+retried failure is logged."""
 
 from __future__ import annotations
 
@@ -7,9 +8,40 @@ import contextlib
 import logging
 from abc import ABC, abstractmethod
 
-__all__ = ["KickLoop"]
+from streamspace_sdk.errors import StreamSpaceError
+
+__all__ = ["FailureLog", "KickLoop"]
 
 logger = logging.getLogger("streamspace.controlplane")
+
+
+class FailureLog:
+    """Log a failure that is retried once while it lasts, not on every retry.
+
+    A known error (a :class:`StreamSpaceError`, such as the store being unreachable) is one
+    WARNING line per distinct message, without a traceback: it says what is wrong. Anything
+    else is a bug and keeps its traceback every time. When it works again, one INFO line.
+    """
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._known: str | None = None
+
+    def failed(self, exc: Exception, retry: str) -> None:
+        """Log ``exc``; ``retry`` says when it is tried again (``retrying in 1s``)."""
+        if not isinstance(exc, StreamSpaceError):
+            logger.error("%s failed; %s", self.what, retry, exc_info=exc)
+            return
+        message = str(exc)
+        if message != self._known:
+            logger.warning("%s failed: %s; %s", self.what, message, retry)
+            self._known = message
+
+    def worked(self) -> None:
+        """Note a success; after a logged known failure, say it works again."""
+        if self._known is not None:
+            logger.info("%s works again", self.what)
+            self._known = None
 
 
 class KickLoop(ABC):
@@ -27,6 +59,7 @@ class KickLoop(ABC):
         self._kicked = asyncio.Event()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._failures = FailureLog(f"The {name} pass")
 
     def kick(self) -> None:
         """Ask for a pass as soon as possible; never blocks."""
@@ -66,5 +99,7 @@ class KickLoop(ABC):
             try:
                 async with self._lock:
                     await self._pass()
-            except Exception:
-                logger.exception("%s pass failed; retrying in %.3gs", self._name, self.interval_s)
+            except Exception as exc:
+                self._failures.failed(exc, f"retrying in {self.interval_s:.3g}s")
+            else:
+                self._failures.worked()

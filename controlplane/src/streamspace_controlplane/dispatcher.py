@@ -25,7 +25,7 @@ import secrets
 from datetime import timedelta
 from typing import Any
 
-from streamspace_controlplane._loop import KickLoop
+from streamspace_controlplane._loop import FailureLog, KickLoop
 from streamspace_controlplane.core import ControlPlane
 from streamspace_controlplane.models import CommandRecord, Session, utcnow
 from streamspace_sdk.platform import Action, SessionSpec, SessionState, SessionStatus
@@ -244,6 +244,7 @@ class Dispatcher(KickLoop):
     async def _sender(self, agent_id: str) -> None:
         loop = asyncio.get_running_loop()
         wake = self._wake.setdefault(agent_id, asyncio.Event())
+        failures = FailureLog(f"Sending commands to agent {agent_id}")
         try:
             while self.cp.hub.local(agent_id) is not None:
                 wake.clear()
@@ -251,10 +252,12 @@ class Dispatcher(KickLoop):
                 self._flush.discard(agent_id)
                 try:
                     await self._send_due(agent_id, flush=flush)
-                except Exception:
-                    logger.exception("Sending commands to agent %s failed; will retry", agent_id)
+                except Exception as exc:
+                    failures.failed(exc, "will retry")
                     if flush:
                         self._flush.add(agent_id)
+                else:
+                    failures.worked()
                 deadlines = self._unacked.get(agent_id)
                 timeout = self.idle_poll_s
                 if deadlines:

@@ -37,7 +37,7 @@ from streamspace_controlplane.http import deny_websocket
 from streamspace_controlplane.routes import streams
 from streamspace_controlplane.services import registry
 from streamspace_sdk._models import WireModel
-from streamspace_sdk.errors import ProtocolError
+from streamspace_sdk.errors import ProtocolError, StreamSpaceError
 from streamspace_sdk.protocol import (
     AGENT_PATHS,
     AgentHello,
@@ -205,6 +205,8 @@ async def agent_socket(websocket: WebSocket, *, hello_timeout_s: float = HELLO_T
             # Safe even if another connection took over: only the current one is undone.
             try:
                 await registry.unregister(cp, conn)
+            except StreamSpaceError as exc:  # the store away: the reconciler catches up
+                logger.warning("Cleaning up agent connection %s failed: %s", conn.conn_id, exc)
             except Exception:
                 logger.exception("Cleaning up agent connection %s failed", conn.conn_id)
         gauge.dec()
