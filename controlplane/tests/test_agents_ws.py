@@ -316,6 +316,32 @@ async def test_missing_wrong_and_revoked_tokens_are_refused(harness: Harness) ->
 
 
 @pytest.mark.asyncio
+async def test_a_token_revoked_while_its_agent_registers_is_refused(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The revocation lands after the handshake's check and before the socket is in the
+    hub, so its notice finds no socket to close: the registration's own check refuses."""
+    store = harness.cp.store
+    token = await harness.token("a1")
+    [record] = await store.list_agent_tokens("a1")
+    register_agent = store.register_agent
+
+    async def revoked_meanwhile(agent: Any) -> Any:
+        await store.revoke_agent_token(record.token_id, utcnow())
+        return await register_agent(agent)
+
+    monkeypatch.setattr(store, "register_agent", revoked_meanwhile)
+    sim = AgentSim(harness.url, token, "a1")
+    with pytest.raises(Refused) as refused:
+        await sim.connect()
+    assert (refused.value.code, refused.value.reason) == (4403, "the agent token was revoked")
+    assert harness.cp.hub.local("a1") is None
+    agent = await store.get_agent("a1")
+    assert agent is not None
+    assert agent.status == "offline"
+
+
+@pytest.mark.asyncio
 async def test_hello_naming_another_agent_is_refused(harness: Harness) -> None:
     """A token works for its own agent id only."""
     sim = AgentSim(harness.url, await harness.token("a1"), "a2")

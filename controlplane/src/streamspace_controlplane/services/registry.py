@@ -9,6 +9,7 @@ so an old socket can neither keep an agent alive nor unregister its successor.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from datetime import datetime, timedelta
 
@@ -233,6 +234,10 @@ async def register(
         except StoreError as exc:
             raise _not_registered(hello.agent_id, exc) from None
         old = await cp.hub.attach(conn)
+        if not await _token_active(cp, conn):
+            with contextlib.suppress(StoreError):  # offline once its heartbeat is missed
+                await unregister(cp, conn)
+            raise Refused(CLOSE_FORBIDDEN, "the agent token was revoked")
         if old is not None:
             logger.info(
                 "Agent %s reconnected; closing its previous connection %s",
@@ -385,6 +390,23 @@ async def _record(
             CLOSE_NOT_RECORDED,
             f"could not record {frame.type}: internal error; reconnect and send it again",
         ) from None
+
+
+async def _token_active(cp: ControlPlane, conn: AgentConnection) -> bool:
+    """Whether the token ``conn`` authenticated with is still active, checked once it is
+    attached: a revocation made earlier is seen here, one made later finds it in the hub
+    (the revocation closes the sockets the hub has), so none slips between the two.
+
+    Raises:
+        Refused: the store failed (:data:`CLOSE_STORE_UNAVAILABLE`).
+    """
+    try:
+        tokens = await cp.store.list_agent_tokens(conn.agent_id)
+    except StoreError as exc:
+        with contextlib.suppress(StoreError):
+            await unregister(cp, conn)
+        raise _not_registered(conn.agent_id, exc) from None
+    return any(t.token_id == conn.token_id and t.revoked_at is None for t in tokens)
 
 
 async def unregister(cp: ControlPlane, conn: AgentConnection) -> None:
