@@ -180,7 +180,8 @@ async def register(
 
     Raises:
         Refused: The hello names another agent than the token, speaks an unsupported
-            protocol version, or carries a stale fencing epoch; or the store failed.
+            protocol version, or carries a stale fencing epoch; the token was revoked
+            while it registered; or the store failed.
     """
     if hello.agent_id != token_agent_id:
         raise Refused(
