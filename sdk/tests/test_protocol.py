@@ -590,10 +590,14 @@ def test_fuzz_one_bad_field(frame: Any, data: st.DataObject) -> None:
 
 
 @pytest.mark.parametrize(
-    "text",
+    ("text", "code"),
     [
-        pytest.param('{"type": "shutdown", "reason": "\\ud800"}', id="escaped-lone-surrogate"),
-        pytest.param('{"type": "shutdown", "reason": "\ud800"}', id="raw-lone-surrogate"),
+        pytest.param(
+            '{"type": "shutdown", "reason": "\\ud800"}', "invalid", id="escaped-lone-surrogate"
+        ),
+        pytest.param(
+            '{"type": "shutdown", "reason": "\ud800"}', "not_utf8", id="raw-lone-surrogate"
+        ),
         pytest.param(
             json.dumps(
                 {
@@ -602,22 +606,31 @@ def test_fuzz_one_bad_field(frame: Any, data: st.DataObject) -> None:
                     "spec": {**_SPEC, "platform_options": {"x": [[[]]]}},
                 }
             ).replace("[[[]]]", "[" * 300 + "]" * 300),
+            "invalid",
             id="deep-platform-options",
         ),
     ],
 )
-def test_accepted_frame_can_be_dumped_again(text: str) -> None:
+def test_accepted_frame_can_be_dumped_again(text: str, code: str) -> None:
     """A frame parse_frame accepts can be written back (relayed, stored, logged as JSON).
 
-    Fails today: a lone UTF-16 surrogate in a string, or an ``Any`` value nested deeper than
-    pydantic's serialiser allows, parses but ``dump_frame`` then raises
-    ``PydanticSerializationError``. parse_frame should refuse such frames as ``invalid``.
+    A lone UTF-16 surrogate in a string, or an ``Any`` value nested deeper than pydantic's
+    serialiser allows, would parse and then make ``dump_frame`` raise; parse_frame refuses
+    them: ``invalid``, or ``not_utf8`` for a text holding the surrogate itself (as its
+    bytes would be).
     """
     result = _parse_or_error(text)
     if isinstance(result, ProtocolError):
-        assert result.code == "invalid"
+        assert result.code == code
     else:
         assert parse_frame(dump_frame(result)) == result
+
+
+def test_a_raw_surrogate_in_an_ignored_field_is_not_utf8_either() -> None:
+    """Found by test_protocol_fuzz: the field is dropped, yet the text is not UTF-8."""
+    with pytest.raises(ProtocolError) as caught:
+        parse_frame('{"type": "shutdown", "reason": "x", "": {"\ud800": 1}}')
+    assert caught.value.code == "not_utf8"
 
 
 def test_escaped_surrogate_pairs_are_text() -> None:

@@ -324,6 +324,9 @@ def parse_frame(data: str | bytes) -> Frame:
     holding a lone UTF-16 surrogate, ``NaN``, an infinity (or a float too large, read as
     one), or nesting deeper than 128 levels.
 
+    A text holding a lone surrogate itself (not escaped) is ``not_utf8``, as its bytes
+    would be.
+
     Raises:
         ProtocolError: with ``code`` one of ``too_large``, ``not_utf8``, ``not_json``,
             ``not_object``, ``missing_type``, ``unknown_type``, ``invalid``, and a reason
@@ -334,6 +337,9 @@ def parse_frame(data: str | bytes) -> Frame:
         size = len(data.encode("utf-8", "surrogatepass"))  # the limit is in bytes
     if size > MAX_TEXT_FRAME_BYTES:
         raise ProtocolError("too_large", f"frame of {size} bytes exceeds {MAX_TEXT_FRAME_BYTES}")
+    if isinstance(data, str) and _LONE_SURROGATE.search(data):
+        # Not text a socket can carry (escaped, "\ud800", it is JSON's: checked below).
+        raise ProtocolError("not_utf8", "frame holds a lone UTF-16 surrogate, not UTF-8 text")
     try:
         return _writable(_ADAPTER.validate_json(data), data)
     except ValidationError:
@@ -372,7 +378,7 @@ pydantic validates a little deeper than it can serialise, near 255)."""
 
 _UNWRITABLE_HINTS = r"\\u[dD][89a-fA-F]|NaN|Infinity|[:,\[]\s*-?[0-9.]+[eE]|[0-9]{309}"
 """What precedes a surrogate escape, a non-finite number, or an exponent (which may overflow)."""
-_MAYBE_UNWRITABLE = re.compile(_UNWRITABLE_HINTS + r"|[\ud800-\udfff]")
+_MAYBE_UNWRITABLE = re.compile(_UNWRITABLE_HINTS)
 _MAYBE_UNWRITABLE_BYTES = re.compile(_UNWRITABLE_HINTS.encode())
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
