@@ -12,6 +12,7 @@ import pytest
 from apikit import assert_error
 
 from streamspace_controlplane.models import AgentRecord
+from streamspace_controlplane.services import sessions
 from streamspace_controlplane.store.base import Store
 from streamspace_sdk.platform import Capacity
 
@@ -467,9 +468,10 @@ async def test_creations_in_flight_past_the_limit_are_refused_without_a_store_re
 
         async def counted(**kwargs: Any) -> int:
             nonlocal reads
-            reads += 1
-            if reads == 2:
-                both_counted.set()
+            if kwargs == {"states": sessions._STARTING_STATES}:  # the slot's count, no other
+                reads += 1
+                if reads == 2:
+                    both_counted.set()
             return await count_sessions(**kwargs)
 
         monkeypatch.setattr(store, "get_template", held_get_template)

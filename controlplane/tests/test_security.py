@@ -200,8 +200,9 @@ async def test_tokens_and_what_the_user_types_never_reach_the_logs(
             assert banner == RFB_VERSION
             text = clipboard.encode()
             await io.write(struct.pack(">B3xI", 6, len(text)) + text)  # ClientCutText
-            # The update is asked for after the text, so once it is back the text went through.
-            assert any(await framebuffer(io, server_init))
+            # The update is asked for after the text, so once it is back the text went
+            # through. (The screen may still be black: xterm may not have drawn yet.)
+            await framebuffer(io, server_init)
         assert await _refused(env, token, logger=viewer_log) == 403
         kept = {
             "VNC token": token,
