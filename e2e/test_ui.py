@@ -179,14 +179,14 @@ async def test_ui_login_with_a_wrong_password_shows_the_apis_error(
 async def test_ui_admin_pages_list_agents_create_a_user_and_issue_and_revoke_a_token(
     page: Page, cp: ControlPlane, admin: httpx.AsyncClient, agent: Agent, tmp_path: Path
 ) -> None:
-    page.on("dialog", lambda dialog: dialog.accept())  # the confirm() before a revoke
+    page.on("dialog", lambda dialog: dialog.accept())  # the confirm() before a change
     await page.goto("/ui/login?next=/ui/admin/agents")
     await log_in(page, ADMIN_PASSWORD)
     await page.wait_for_url(re.compile(r"/ui/admin/agents$"))
     row = page.locator(f'tr[data-agent="{agent.agent_id}"]')
     await expect(row).to_contain_text("online")
     await expect(row).to_contain_text("process")
-    await expect(row.get_by_role("button", name=f"Forget {agent.agent_id}")).to_be_disabled()
+    await expect(row.get_by_role("button", name=f"Delete {agent.agent_id}")).to_be_enabled()
     await page.screenshot(path=tmp_path / "agents.png")
 
     await page.get_by_role("link", name="Users").click()
@@ -204,6 +204,11 @@ async def test_ui_admin_pages_list_agents_create_a_user_and_issue_and_revoke_a_t
     await page.get_by_label("Password (at least 8 characters)").fill("alice-password")
     await page.get_by_role("button", name="Create user").click()
     await expect(page.get_by_role("alert")).to_contain_text("Creating the user failed: ")
+    await page.locator('tr[data-user="alice"]').get_by_role("button", name="Disable alice").click()
+    await expect(page.locator("#notice")).to_have_text("Disabled alice.")
+    await expect(page.locator('tr[data-user="alice"]')).to_contain_text("(disabled)")
+    users = (await admin.get("/api/v1/users")).json()
+    assert next(u for u in users if u["username"] == "alice")["disabled"] is True
     await page.screenshot(path=tmp_path / "users.png")
 
     await page.get_by_role("link", name="Agent tokens").click()
