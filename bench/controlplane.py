@@ -247,6 +247,10 @@ async def burst(cp: ControlPlane, size: int, running_before: int) -> int:
             f"  retried after Retry-After: all but {lost} created in {accepted_s:.2f} s"
             f" ({rounds} rounds)"
         )
+        later = {k: len(v) - len(first.get(k, ())) for k, v in outcomes.items()}
+        later_errors = {k: n for k, n in later.items() if n and not k.startswith(("201", "429 + "))}
+        shown = f" {later_errors}" if later_errors else ""
+        print(f"  errors while retrying: {sum(later_errors.values())}{shown}")
         running = await wait_running(http, running_before + len(created), WAIT_S)
         print(
             f"  burst to all running: {time.perf_counter() - t0:.2f} s"

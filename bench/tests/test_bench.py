@@ -63,6 +63,8 @@ def test_load_holds_every_agent_and_sheds_a_burst_with_429() -> None:
     assert created + refused == burst
     assert refused > 0  # 20 may start at once: a burst of 200 is shed, not queued
     assert figure(r"errors \(not 201, not 429 with Retry-After\): (\d+)", out) == ("0",)
+    assert figure(r"all but (\d+) created", out) == ("0",)
+    assert figure(r"errors while retrying: (\d+)", out) == ("0",)
     assert figure(r"burst to all running: [\d.]+ s \((\d+) / (\d+) running\)", out) == (
         str(burst),
         str(burst),

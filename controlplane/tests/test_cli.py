@@ -13,8 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from streamspace_controlplane.cli import main
-from streamspace_controlplane.settings import ControlPlaneSettings
+from streamspace_controlplane.app import build_control_plane
+from streamspace_controlplane.cli import main, server_config
+from streamspace_controlplane.settings import ControlPlaneSettings, load_settings
 from streamspace_controlplane.store._sql import load_migrations
 from streamspace_controlplane.store.sqlite import SqliteStore
 
@@ -132,3 +133,15 @@ def test_serve_answers_health_and_stops_on_sigterm(home: Path):
     # uvicorn shuts down gracefully, then re-raises the signal so the exit status tells it.
     assert proc.returncode in (0, -15), output
     assert "Traceback" not in output, output
+
+
+@pytest.mark.parametrize(("value", "seconds"), [(None, 75), ("90s", 90), ("2m", 120)])
+def test_serve_keeps_idle_http_connections_past_the_proxies_idle_timeout(
+    home: Path, monkeypatch: pytest.MonkeyPatch, value: str | None, seconds: int
+) -> None:
+    """Past 60 s (ingresses, load balancers) by default, so they close an idle connection
+    first and never send a request on one uvicorn is closing."""
+    if value is not None:
+        monkeypatch.setenv("HTTP_KEEPALIVE_TIMEOUT", value)
+    cp = build_control_plane(load_settings(ControlPlaneSettings))
+    assert server_config(cp).timeout_keep_alive == seconds

@@ -134,6 +134,7 @@ def test_empty_variables_count_as_unset(monkeypatch: pytest.MonkeyPatch) -> None
         ("MAX_SESSIONS_PER_USER", "-1"),
         ("LOGIN_ATTEMPTS", "0"),
         ("LOGIN_WINDOW", "0"),
+        ("HTTP_KEEPALIVE_TIMEOUT", "0s"),
         ("JWT_TTL", "forever"),
     ],
 )

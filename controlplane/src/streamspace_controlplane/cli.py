@@ -44,6 +44,7 @@ def server_config(cp: ControlPlane) -> uvicorn.Config:
         ws_per_message_deflate=False,
         ws_ping_interval=cp.settings.ws_ping_interval,
         ws_ping_timeout=cp.settings.ws_ping_timeout,
+        timeout_keep_alive=max(1, round(cp.settings.http_keepalive_timeout)),
         lifespan="on",
         log_level=cp.settings.log_level.lower(),
         proxy_headers=True,

@@ -71,6 +71,11 @@ class ControlPlaneSettings(StreamSpaceSettings):
     """Seconds between WebSocket pings to agents and viewers (uvicorn's)."""
     ws_ping_timeout: Annotated[Duration, Field(gt=0)] = 20.0
     """Seconds a ping may wait for its pong before the socket counts as dead."""
+    http_keepalive_timeout: Annotated[Duration, Field(gt=0)] = 75.0
+    """Seconds an idle HTTP connection stays open. Longer than the idle timeout of the
+    proxies and clients in front (60 s for most ingresses and load balancers, 5 s for
+    httpx), so they close an idle connection first and never send a request on one the
+    server is closing at that moment (a reset for the client, a 502 from a proxy)."""
     redis_url: SecretStr | None = None
     """Redis for the ``redis`` hub (several replicas): ``redis://`` or ``rediss://``."""
     agent_hub_backend: str = "memory"
