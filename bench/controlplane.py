@@ -28,7 +28,8 @@ Then, each figure with the baseline it is printed against, from the same run:
   agents and sessions the control plane shows afterwards.
 
 Usage: ``python bench/controlplane.py [--agents 5000] [--sessions 10000] [--samples 300]
-[--burst 1000] [--storm cut,restart] [--max-concurrent-starts N] [--postgres]``.
+[--burst 1000] [--storm cut,restart] [--max-concurrent-starts N] [--postgres]
+[--backoff-reset 60]``.
 Develop with ``--agents 200 --sessions 400 --samples 50 --burst 200``.
 """
 
@@ -64,7 +65,7 @@ from _common import (
 )
 from _simagent import Fleet
 
-from streamspace_sdk.agent import event_loop_factory
+from streamspace_sdk.agent import Backoff, event_loop_factory
 from streamspace_sdk.testing import TcpBalancer
 
 USER = "bench"
@@ -329,7 +330,11 @@ async def run(args: argparse.Namespace) -> None:
         via = f", agents through a TcpBalancer on :{balancer.port}" if balancer else ""
         print(f"control plane on {store}, memory hub{via}; {args.agents} simulated agents")
 
-        fleet = Fleet(f"ws://127.0.0.1:{balancer.port if balancer else cp.port}", seed=args.seed)
+        fleet = Fleet(
+            f"ws://127.0.0.1:{balancer.port if balancer else cp.port}",
+            Backoff(reset_after_s=args.backoff_reset),
+            seed=args.seed,
+        )
         per_agent = -(-quota // args.agents) + 1
         admin = http
 
@@ -421,6 +426,13 @@ def main() -> None:
     )
     parser.add_argument("--postgres", action="store_true", help="PostgreSQL on 127.0.0.1:5432")
     parser.add_argument("--seed", type=int, default=0, help="seed of the agents' jitter")
+    parser.add_argument(
+        "--backoff-reset",
+        type=float,
+        default=Backoff().reset_after_s,
+        help="seconds a connection lasts before its backoff starts again (the SDK's: 60); "
+        "each storm first waits that long after the last registration",
+    )
     parser.add_argument("--balancer", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.balancer is not None:

@@ -44,15 +44,16 @@ def figure(pattern: str, text: str) -> tuple[str, ...]:
 
 
 def test_load_holds_every_agent_and_sheds_a_burst_with_429() -> None:
-    agents, sessions, burst = 200, 200, 200
+    agents, sessions, burst = 100, 100, 100
     out = run(
         "controlplane.py",
         f"--agents={agents}",
         f"--sessions={sessions}",
-        "--samples=20",
+        "--samples=10",
         f"--burst={burst}",
         "--max-concurrent-starts=20",
         "--storm=cut,restart",
+        "--backoff-reset=5",
     )
     held = figure(r"held by one process: (\d+) / (\d+) agents online, (\d+) / (\d+) sessions", out)
     assert held == (str(agents), str(agents), str(sessions), str(sessions))
@@ -61,7 +62,7 @@ def test_load_holds_every_agent_and_sheds_a_burst_with_429() -> None:
         int(figure(r"^\s+429 \+ Retry-After\s+(\d+)", out)[0]),
     )
     assert created + refused == burst
-    assert refused > 0  # 20 may start at once: a burst of 200 is shed, not queued
+    assert refused > 0  # 20 may start at once: a burst of 100 is shed, not queued
     assert figure(r"errors \(not 201, not 429 with Retry-After\): (\d+)", out) == ("0",)
     assert figure(r"all but (\d+) created", out) == ("0",)
     assert figure(r"errors while retrying: (\d+)", out) == ("0",)
@@ -77,7 +78,7 @@ def test_load_holds_every_agent_and_sheds_a_burst_with_429() -> None:
 
 
 def test_soak_returns_to_baseline_after_agent_restarts() -> None:
-    out = run("soak.py", "--sessions=10", "--duration=40s", "--restart-every=15s")
+    out = run("soak.py", "--sessions=10", "--duration=30s", "--restart-every=12s")
     for name in ("files", "tasks", "threads", "RSS"):
         assert re.search(rf"^{name}\s.*back to baseline$", out, re.MULTILINE), name
     viewers = figure(r"viewers: \d+ got the RFB banner, (\d+) failed; (\d+) sessions", out)
@@ -89,11 +90,11 @@ def test_soak_returns_to_baseline_after_agent_restarts() -> None:
 def test_a_replica_failover_is_within_its_bound() -> None:
     out = run(
         "multipod.py",
-        "--starts=6",
-        "--stream-mib=4",
+        "--starts=4",
+        "--stream-mib=2",
         "--repeat=1",
-        "--echoes=50",
-        "--failovers=2",
+        "--echoes=20",
+        "--failovers=1",
         "--replica-timeout=3",
     )
     worst = float(figure(r"to running .* max ([\d.]+) s", out)[0])
@@ -101,7 +102,7 @@ def test_a_replica_failover_is_within_its_bound() -> None:
     assert worst <= bound
 
 
-@pytest.mark.parametrize("backend", ["file", "redis"])
+@pytest.mark.parametrize("backend", ["redis"])  # e2e/test_ha_e2e.py runs every backend
 def test_an_agent_leader_failover_is_within_its_bound(backend: str) -> None:
     out = run("failover.py", "--runs=1", f"--backends={backend}")
     lease = figure(r"'LEASE_DURATION': '(\d+)s'.*'RETRY_PERIOD': '(\d+)ms'", out)
