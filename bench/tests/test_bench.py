@@ -98,7 +98,7 @@ def test_a_replica_failover_is_within_its_bound() -> None:
         "--replica-timeout=3",
     )
     worst = float(figure(r"to running .* max ([\d.]+) s", out)[0])
-    bound = float(figure(r"bound REPLICA_TIMEOUT \+ 1 s = ([\d.]+) s", out)[0])
+    bound = float(figure(r"bound 4/3 REPLICA_TIMEOUT \+ 1 s = ([\d.]+) s", out)[0])
     assert worst <= bound
 
 
