@@ -174,13 +174,7 @@ async def create_user(
         ApiError: 422 for a bad name or a password under 8 characters; 409 if the name
             is taken.
     """
-    if len(password) < MIN_PASSWORD_CHARS:
-        raise ApiError(
-            422,
-            "validation_error",
-            f"password must be at least {MIN_PASSWORD_CHARS} characters",
-            fields=[{"field": "body.password", "message": "too short"}],
-        )
+    _check_password(password)
     try:
         user = User(username=username, role=role, created_at=utcnow())
     except ValidationError as exc:
@@ -241,13 +235,8 @@ async def update_user(
             themselves, or when the change would leave no enabled admin; 422 for a
             password under 8 characters.
     """
-    if password is not None and len(password) < MIN_PASSWORD_CHARS:
-        raise ApiError(
-            422,
-            "validation_error",
-            f"password must be at least {MIN_PASSWORD_CHARS} characters",
-            fields=[{"field": "body.password", "message": "too short"}],
-        )
+    if password is not None:
+        _check_password(password)
     user = await cp.store.get_user(username)
     if user is None:
         raise ApiError(404, "not_found", f"no user {username!r}")
@@ -284,3 +273,14 @@ async def update_user(
     elif changes.get("role") == "user":
         await tunnels.revoke(cp, "user", username, reason="the user is no longer an admin")
     return updated
+
+
+def _check_password(password: str) -> None:
+    """Refuse a password under :data:`MIN_PASSWORD_CHARS` with the API's 422."""
+    if len(password) < MIN_PASSWORD_CHARS:
+        raise ApiError(
+            422,
+            "validation_error",
+            f"password must be at least {MIN_PASSWORD_CHARS} characters",
+            fields=[{"field": "body.password", "message": "too short"}],
+        )
