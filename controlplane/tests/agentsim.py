@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import uvicorn
 import websockets
+from pydantic import SecretStr
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -29,6 +30,8 @@ from streamspace_controlplane.models import Session, Template
 from streamspace_controlplane.services import sessions as session_service
 from streamspace_controlplane.settings import ControlPlaneSettings
 from streamspace_controlplane.store.base import Store
+from streamspace_sdk import Agent, AgentSettings
+from streamspace_sdk.agent import Backoff
 from streamspace_sdk.errors import StreamSpaceError
 from streamspace_sdk.hooks import Hooks, Principal, make_plugin_manager
 from streamspace_sdk.platform import Capacity, SessionStatus
@@ -55,6 +58,7 @@ __all__ = [
     "Refused",
     "eventually",
     "fast_settings",
+    "sdk_agent",
     "serve",
     "serve_control_plane",
 ]
@@ -524,3 +528,48 @@ async def serve_control_plane(
             yield harness
         finally:
             await harness.close()
+
+
+@contextlib.asynccontextmanager
+async def sdk_agent(
+    harness: Harness,
+    agent_id: str,
+    *,
+    url: str | None = None,
+    backoff: Backoff | None = None,
+    **settings: Any,
+) -> AsyncIterator[Agent]:
+    """Run the SDK's real agent on a memory platform against ``harness`` (or ``url``, a
+    proxy in front of it), without plugins; yield it once registered, stop it after.
+
+    ``settings`` are :class:`AgentSettings` fields on top of fast test defaults.
+    """
+    fields: dict[str, Any] = {"health_port": 0, "heartbeat_interval": 0.5, "max_sessions": 50}
+    fields |= settings
+    agent = Agent(
+        AgentSettings(
+            agent_id=agent_id,
+            control_plane_url=url or harness.url,
+            agent_token=SecretStr(await harness.token(agent_id)),
+            platform="memory",
+            **fields,
+        ),
+        MemoryPlatform(agent_id=agent_id, state=MemoryPlatformState(fields["max_sessions"])),
+        hooks=Hooks(
+            make_plugin_manager(
+                settings=PluginSettings(streamspace_load_plugins=""), load_entrypoints=False
+            )
+        ),
+        backoff=backoff or Backoff(base_s=0.05, cap_s=0.5, reset_after_s=60.0),
+    )
+    task = asyncio.create_task(agent.serve())
+
+    async def registered() -> bool:
+        return agent.connection_id is not None
+
+    try:
+        await eventually(registered)
+        yield agent
+    finally:
+        await agent.stop()
+        await task

@@ -27,11 +27,10 @@ Expected outcomes, one test each:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -39,17 +38,19 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import pytest
 import redis.asyncio as aioredis
-from agentsim import AgentSim, Harness, eventually, fast_settings, serve_control_plane
-from pydantic import SecretStr
+from agentsim import (
+    AgentSim,
+    Harness,
+    eventually,
+    fast_settings,
+    sdk_agent,
+    serve_control_plane,
+)
 
 from streamspace_controlplane.hub.redis import _TIMEOUT_S as REDIS_TIMEOUT_S
 from streamspace_controlplane.store.postgres import PostgresStore
 from streamspace_controlplane.store.sqlite import SqliteStore
-from streamspace_sdk import Agent, AgentSettings
-from streamspace_sdk.agent import Backoff
-from streamspace_sdk.hooks import Hooks, make_plugin_manager
-from streamspace_sdk.settings import PluginSettings
-from streamspace_sdk.testing import Faults, MemoryPlatform, MemoryPlatformState, TcpBalancer
+from streamspace_sdk.testing import Faults, MemoryPlatform, TcpBalancer
 
 REDIS = ("127.0.0.1", 6379)
 DATABASE_TIMEOUT_S = 0.5
@@ -105,43 +106,6 @@ async def postgres_behind_balancer(dsn: str, tmp_path: Path) -> AsyncIterator[Se
     async with postgres_served(dsn, tmp_path) as (harness, http, pg):
         sim = await harness.agent("pg-agent", max_sessions=50)
         yield Served(harness, http, pg, sim)
-
-
-@contextlib.asynccontextmanager
-async def sdk_agent(harness: Harness, agent_id: str) -> AsyncIterator[Agent]:
-    """Run the SDK's agent on a memory platform against ``harness``, registered."""
-    agent = Agent(
-        AgentSettings(
-            agent_id=agent_id,
-            control_plane_url=harness.url,
-            agent_token=SecretStr(await harness.token(agent_id)),
-            platform="memory",
-            health_port=0,
-            heartbeat_interval=0.5,
-            max_sessions=50,
-        ),
-        MemoryPlatform(agent_id=agent_id, state=MemoryPlatformState(max_sessions=50)),
-        hooks=Hooks(
-            make_plugin_manager(
-                settings=PluginSettings(streamspace_load_plugins=""), load_entrypoints=False
-            )
-        ),
-        backoff=Backoff(base_s=0.05, cap_s=0.5, reset_after_s=60.0),
-    )
-    task = asyncio.create_task(agent.serve())
-    try:
-        await eventually(_registered(agent))
-        yield agent
-    finally:
-        await agent.stop()
-        await task
-
-
-def _registered(agent: Agent) -> Callable[[], Awaitable[bool]]:
-    async def check() -> bool:
-        return agent.connection_id is not None
-
-    return check
 
 
 @contextlib.asynccontextmanager

@@ -12,7 +12,6 @@ Expected outcomes, one test each:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,15 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from agentsim import Harness, eventually, fast_settings, serve_control_plane
-from pydantic import SecretStr
+from agentsim import Harness, eventually, fast_settings, sdk_agent, serve_control_plane
 
 from streamspace_controlplane.store.base import Store
-from streamspace_sdk import Agent, AgentSettings
+from streamspace_sdk import Agent
 from streamspace_sdk.agent import Backoff
-from streamspace_sdk.hooks import Hooks, make_plugin_manager
-from streamspace_sdk.settings import PluginSettings
-from streamspace_sdk.testing import Faults, MemoryPlatform, TcpBalancer
+from streamspace_sdk.testing import Faults, TcpBalancer
 
 AGENT_ID = "faulty-net"
 PING_S = 0.3
@@ -46,36 +42,20 @@ class Link:
 async def link(store: Store, tmp_path: Path) -> AsyncIterator[Link]:
     async with serve_control_plane(fast_settings(tmp_path / "home"), store) as harness:
         port = int(harness.url.rsplit(":", 1)[1])
-        async with TcpBalancer([("127.0.0.1", port)]) as balancer:
-            agent = Agent(
-                AgentSettings(
-                    agent_id=AGENT_ID,
-                    control_plane_url=f"ws://127.0.0.1:{balancer.port}",
-                    agent_token=SecretStr(await harness.token(AGENT_ID)),
-                    platform="memory",
-                    health_port=0,
-                    heartbeat_interval=0.5,
-                    ws_ping_interval=PING_S,
-                    ws_ping_timeout=PING_S,
-                ),
-                MemoryPlatform(agent_id=AGENT_ID),
-                hooks=Hooks(
-                    make_plugin_manager(
-                        settings=PluginSettings(streamspace_load_plugins=""),
-                        load_entrypoints=False,
-                    )
-                ),
+        async with (
+            TcpBalancer([("127.0.0.1", port)]) as balancer,
+            sdk_agent(
+                harness,
+                AGENT_ID,
+                url=f"ws://127.0.0.1:{balancer.port}",
                 backoff=Backoff(base_s=0.05, cap_s=0.2, reset_after_s=60.0),
-            )
+                ws_ping_interval=PING_S,
+                ws_ping_timeout=PING_S,
+            ) as agent,
+        ):
             agent.open_timeout_s = 1.0  # a handshake lost in the black hole is retried soon
-            task = asyncio.create_task(agent.serve())
-            try:
-                await harness.template("desktop", platform="memory")
-                await eventually(_registered(agent))
-                yield Link(harness, agent, balancer)
-            finally:
-                await agent.stop()
-                await task
+            await harness.template("desktop", platform="memory")
+            yield Link(harness, agent, balancer)
 
 
 def _registered(agent: Agent, other_than: str | None = None) -> Callable[[], Awaitable[bool]]:
