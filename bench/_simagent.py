@@ -28,15 +28,14 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from streamspace_sdk.agent import AGENT_PATH, Backoff
-from streamspace_sdk.errors import ProtocolError, StreamSpaceError
-from streamspace_sdk.platform import Capacity, SessionStatus
+from streamspace_sdk.errors import ProtocolError
+from streamspace_sdk.platform import Capacity
 from streamspace_sdk.protocol import (
     MAX_TEXT_FRAME_BYTES,
     AgentHello,
     AgentWelcome,
     Command,
     CommandAck,
-    CommandResult,
     Heartbeat,
     Shutdown,
     dump_frame,
@@ -172,7 +171,7 @@ class SimAgent:
             if isinstance(frame, Command):
                 self.fleet.delivered(frame)
                 await ws.send(dump_frame(CommandAck(command_id=frame.command_id)))
-                await ws.send(dump_frame(await self._execute(frame)))
+                await ws.send(dump_frame(await self.platform.carry_out(frame)))
             elif isinstance(frame, Shutdown):
                 await ws.close(1000, "control plane shutting down")
                 if frame.reconnect_after_s is None:
@@ -181,33 +180,6 @@ class SimAgent:
                     0, self.fleet.backoff.base_s
                 )
         return None
-
-    async def _execute(self, command: Command) -> CommandResult:
-        status: SessionStatus
-        try:
-            if command.action in ("start", "wake"):
-                assert command.spec is not None
-                run = self.platform.start if command.action == "start" else self.platform.wake
-                status = await run(command.spec)
-            elif command.action == "hibernate":
-                status = await self.platform.hibernate(command.session_id, command.generation)
-            else:
-                status = await self.platform.stop(command.session_id, command.generation)
-        except StreamSpaceError as exc:
-            return CommandResult(
-                command_id=command.command_id,
-                session_id=command.session_id,
-                generation=command.generation,
-                ok=False,
-                reason=str(exc) or type(exc).__name__,
-            )
-        return CommandResult(
-            command_id=command.command_id,
-            session_id=command.session_id,
-            generation=command.generation,
-            ok=True,
-            status=status,
-        )
 
     async def _beat(self, ws: ClientConnection, interval_s: float) -> None:
         with contextlib.suppress(ConnectionClosed):

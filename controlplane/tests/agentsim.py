@@ -32,7 +32,6 @@ from streamspace_controlplane.settings import ControlPlaneSettings
 from streamspace_controlplane.store.base import Store
 from streamspace_sdk import Agent, AgentSettings
 from streamspace_sdk.agent import Backoff
-from streamspace_sdk.errors import StreamSpaceError
 from streamspace_sdk.hooks import Hooks, Principal, make_plugin_manager
 from streamspace_sdk.platform import Capacity, SessionStatus
 from streamspace_sdk.protocol import (
@@ -320,32 +319,7 @@ class AgentSim:
 
     async def execute(self, command: Command) -> CommandResult:
         """Carry out a command on the memory platform and return its result (not sent)."""
-        try:
-            if command.action == "start":
-                assert command.spec is not None
-                status = await self.platform.start(command.spec)
-            elif command.action == "wake":
-                assert command.spec is not None
-                status = await self.platform.wake(command.spec)
-            elif command.action == "hibernate":
-                status = await self.platform.hibernate(command.session_id, command.generation)
-            else:
-                status = await self.platform.stop(command.session_id, command.generation)
-        except StreamSpaceError as exc:
-            return CommandResult(
-                command_id=command.command_id,
-                session_id=command.session_id,
-                generation=command.generation,
-                ok=False,
-                reason=str(exc) or type(exc).__name__,
-            )
-        return CommandResult(
-            command_id=command.command_id,
-            session_id=command.session_id,
-            generation=command.generation,
-            ok=True,
-            status=status,
-        )
+        return await self.platform.carry_out(command)
 
     # -- waiting ------------------------------------------------------------------------
 

@@ -163,3 +163,34 @@ def test_platform_options_are_read_into_the_drivers_model() -> None:
     bad = spec.model_copy(update={"platform_options": {"shm_size_mb": 512}})
     with pytest.raises(PlatformError, match=r"shm_size_mb: Extra inputs.*knows: shm_size_mib"):
         platform.options(bad, Options)
+
+
+@pytest.mark.asyncio
+async def test_the_memory_platform_carries_out_commands_and_answers_each() -> None:
+    """``MemoryPlatform.carry_out`` answers a command with its ids: done with the state
+    reached, or failed with the platform's reason and nothing started."""
+    from streamspace_sdk.platform import SessionSpec
+    from streamspace_sdk.protocol import Command
+    from streamspace_sdk.testing import MemoryPlatform
+
+    platform = MemoryPlatform(agent_id="a")
+    spec = SessionSpec(session_id="s", generation=1, user="u", template="t")
+    start = Command(command_id="c1", session_id="s", generation=1, action="start", spec=spec)
+    done = await platform.carry_out(start)
+    assert (done.command_id, done.session_id, done.generation, done.ok) == ("c1", "s", 1, True)
+    assert done.status is not None
+    assert done.status.state == "running"
+
+    platform.state.fail_next_start = "no room on the host"
+    other = spec.model_copy(update={"session_id": "t"})
+    refused = await platform.carry_out(
+        Command(command_id="c2", session_id="t", generation=1, action="start", spec=other)
+    )
+    assert (refused.ok, refused.reason, refused.status) == (False, "no room on the host", None)
+    assert await platform.status("t") is None
+
+    stop = Command(command_id="c3", session_id="s", generation=2, action="stop")
+    stopped = await platform.carry_out(stop)
+    assert stopped.ok
+    assert stopped.status is not None
+    assert stopped.status.state == "stopped"

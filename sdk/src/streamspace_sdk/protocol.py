@@ -169,6 +169,20 @@ class Command(WireModel):
             raise ValueError("spec.session_id and spec.generation must match the command's")
         return self
 
+    def result(
+        self, status: SessionStatus | None = None, *, reason: str | None = None
+    ) -> CommandResult:
+        """Return the answer to this command: failed for ``reason`` if one is given, else
+        done; ``status`` is the session as the platform saw it afterwards."""
+        return CommandResult(
+            command_id=self.command_id,
+            session_id=self.session_id,
+            generation=self.generation,
+            ok=reason is None,
+            reason=reason,
+            status=status,
+        )
+
 
 class CommandAck(WireModel):
     """Agent → control plane: the command arrived and will be carried out."""

@@ -186,7 +186,7 @@ class CommandRunner:
                 command.session_id,
                 reason,
             )
-            return self._failed(command, reason, await self._status_after_failure(command))
+            return command.result(await self._status_after_failure(command), reason=reason)
         except Exception as exc:
             logger.exception(
                 "Command %s (%s session %s) failed unexpectedly",
@@ -195,20 +195,14 @@ class CommandRunner:
                 command.session_id,
             )
             reason = f"internal error: {type(exc).__name__}: {exc}"
-            return self._failed(command, reason, await self._status_after_failure(command))
+            return command.result(await self._status_after_failure(command), reason=reason)
         logger.info(
             "Command %s done: session %s is %s",
             command.command_id,
             command.session_id,
             status.state,
         )
-        return CommandResult(
-            command_id=command.command_id,
-            session_id=command.session_id,
-            generation=command.generation,
-            ok=True,
-            status=status,
-        )
+        return command.result(status)
 
     async def _act(self, command: Command) -> SessionStatus:
         platform = self._platform
@@ -231,17 +225,6 @@ class CommandRunner:
         except Exception:
             logger.exception("Reading the status of session %s failed", command.session_id)
             return None
-
-    @staticmethod
-    def _failed(command: Command, reason: str, status: SessionStatus | None) -> CommandResult:
-        return CommandResult(
-            command_id=command.command_id,
-            session_id=command.session_id,
-            generation=command.generation,
-            ok=False,
-            reason=reason,
-            status=status,
-        )
 
     async def _deliver(self, result: CommandResult) -> None:
         if await self._send(result):

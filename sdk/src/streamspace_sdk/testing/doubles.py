@@ -7,7 +7,7 @@ import contextlib
 from collections import deque
 from typing import ClassVar
 
-from streamspace_sdk.errors import PlatformError, SessionNotFound
+from streamspace_sdk.errors import PlatformError, SessionNotFound, StreamSpaceError
 from streamspace_sdk.platform import (
     Capacity,
     Platform,
@@ -15,6 +15,7 @@ from streamspace_sdk.platform import (
     SessionStatus,
     VncEndpoint,
 )
+from streamspace_sdk.protocol import Command, CommandResult
 from streamspace_sdk.settings import StreamSpaceSettings
 from streamspace_sdk.transport import DEFAULT_WINDOW_BYTES, ByteStream
 
@@ -83,6 +84,22 @@ class MemoryPlatform(Platform):
     ) -> None:
         super().__init__(settings, agent_id=agent_id)
         self.state = state if state is not None else MemoryPlatformState()
+
+    async def carry_out(self, command: Command) -> CommandResult:
+        """Carry out ``command`` as an agent would (no hooks, no retries) and return the
+        result to send: for simulated agents that speak the protocol themselves."""
+        try:
+            if command.action in ("start", "wake"):
+                assert command.spec is not None  # Command refuses a start or wake without one
+                run = self.start if command.action == "start" else self.wake
+                status = await run(command.spec)
+            elif command.action == "hibernate":
+                status = await self.hibernate(command.session_id, command.generation)
+            else:
+                status = await self.stop(command.session_id, command.generation)
+        except StreamSpaceError as exc:
+            return command.result(reason=str(exc) or type(exc).__name__)
+        return command.result(status)
 
     async def _start(self, spec: SessionSpec) -> SessionStatus:
         if self.state.fail_next_start is not None:
