@@ -14,6 +14,11 @@ suite                      required fixture        checks
 
 ``TcpBalancer`` stands in for a Service in front of several control planes, and for a bad
 network (``Faults``: latency, bandwidth, slicing, black hole, reset after N bytes; ``cut``).
+
+A VNC viewer (RFB 3.8, security type None, Raw) reads a session's screen pixel by pixel:
+``read_screen(url)`` through the control plane's ``/vnc/{id}``, ``read_screen_tcp(host,
+port)`` from its VNC port; ``rfb_handshake`` and ``read_framebuffer`` over an ``RfbStream``
+(a WebSocket or a TCP connection) for more frames on one connection.
 """
 
 from __future__ import annotations
@@ -36,10 +41,23 @@ from streamspace_sdk.testing.platform import (
     PlatformFactory,
     SpecFactory,
 )
+from streamspace_sdk.testing.rfb import (
+    RFB_VERSION,
+    PixelFormat,
+    RfbStream,
+    Screen,
+    ServerInit,
+    read_framebuffer,
+    read_screen,
+    read_screen_tcp,
+    rfb_handshake,
+    rfb_tcp,
+)
 from streamspace_sdk.testing.tcp import Faults, TcpBalancer
 from streamspace_sdk.testing.transport import StreamPairFactory, TransportConformance
 
 __all__ = [
+    "RFB_VERSION",
     "AdvancingClock",
     "BaseConformance",
     "ElectionMachine",
@@ -54,12 +72,21 @@ __all__ = [
     "MemoryHomeProbe",
     "MemoryPlatform",
     "MemoryPlatformState",
+    "PixelFormat",
     "PlatformConformance",
     "PlatformFactory",
+    "RfbStream",
+    "Screen",
+    "ServerInit",
     "SpecFactory",
     "StreamPairFactory",
     "TcpBalancer",
     "TransportConformance",
     "memory_stream_pair",
+    "read_framebuffer",
+    "read_screen",
+    "read_screen_tcp",
+    "rfb_handshake",
+    "rfb_tcp",
     "settle",
 ]
