@@ -19,7 +19,6 @@ import pytest
 import pytest_asyncio
 from agentsim import Harness, Refused, bind, eventually, fast_settings, serve_control_plane
 from pydantic import SecretStr
-from test_vnc import RFB_VERSION, _ws_io, screen_of
 from test_vnc import _closed_within as closed_within
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
@@ -31,7 +30,13 @@ from streamspace_sdk.agent import Backoff
 from streamspace_sdk.hooks import Hooks, make_plugin_manager
 from streamspace_sdk.platforms import ProcessPlatform
 from streamspace_sdk.settings import PluginSettings
-from streamspace_sdk.testing import TcpBalancer
+from streamspace_sdk.testing import (
+    RFB_VERSION,
+    RfbStream,
+    TcpBalancer,
+    read_framebuffer,
+    rfb_handshake,
+)
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 ADMIN_PASSWORD = "admin-password-for-tests"
@@ -191,10 +196,12 @@ async def vnc_screen(viewer_on: Replica, token_from: Replica, session_id: str) -
         max_size=None,
     ) as ws:
         assert ws.subprotocol == "binary"
-        screen = await screen_of(_ws_io(ws))
-    assert screen.banner == RFB_VERSION
+        viewer = RfbStream.websocket(ws)
+        banner, init = await rfb_handshake(viewer)
+        screen = await read_framebuffer(viewer, init)
+    assert banner == RFB_VERSION
     assert any(screen.pixels)
-    return screen.size
+    return screen.width, screen.height
 
 
 @pytest.mark.parametrize("transport", ["ws-mux", "ws-dedicated"])

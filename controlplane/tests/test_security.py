@@ -40,16 +40,7 @@ from agentsim import (
 from apikit import ADMIN, bearer, isolate
 from pydantic import SecretStr
 from starlette.routing import WebSocketRoute
-from test_vnc import (
-    AGENT_ID,
-    RFB_VERSION,
-    TRANSPORTS,
-    _refused,
-    _ws_io,
-    environment,
-    framebuffer,
-    rfb_handshake,
-)
+from test_vnc import AGENT_ID, TRANSPORTS, _refused, environment
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Origin
@@ -86,6 +77,7 @@ from streamspace_sdk.protocol import (
     encode_data,
 )
 from streamspace_sdk.settings import PluginSettings, load_settings
+from streamspace_sdk.testing import RFB_VERSION, RfbStream, read_framebuffer, rfb_handshake
 
 FRAGMENT = 12
 """Characters of a secret that count as leaked when found anywhere: 12 random base64url
@@ -195,14 +187,14 @@ async def test_tokens_and_what_the_user_types_never_reach_the_logs(
         monkeypatch.setattr(env.agent.transport, "open_stream", spy)
         token = await env.token()
         async with env.viewer(token, logger=viewer_log) as ws:
-            io = _ws_io(ws)
-            banner, server_init = await rfb_handshake(io)
+            rfb = RfbStream.websocket(ws)
+            banner, init = await rfb_handshake(rfb)
             assert banner == RFB_VERSION
             text = clipboard.encode()
-            await io.write(struct.pack(">B3xI", 6, len(text)) + text)  # ClientCutText
+            await rfb.write(struct.pack(">B3xI", 6, len(text)) + text)  # ClientCutText
             # The update is asked for after the text, so once it is back the text went
             # through. (The screen may still be black: xterm may not have drawn yet.)
-            await framebuffer(io, server_init)
+            await read_framebuffer(rfb, init)
         assert await _refused(env, token, logger=viewer_log) == 403
         kept = {
             "VNC token": token,

@@ -1,7 +1,7 @@
 """The VNC path end to end: viewer → ``/vnc/{id}`` → agent (``ws-mux``) → a real Xvnc.
 
 A real control plane on uvicorn, a real :class:`~streamspace_sdk.Agent` with the ``process``
-platform, real Xvnc sessions, and a small RFB client speaking over the ``websockets``
+platform, real Xvnc sessions, and the SDK kit's RFB viewer speaking over the ``websockets``
 client (subprotocol ``binary``) and, for comparison, over TCP straight to the VNC port.
 """
 
@@ -10,9 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,11 +34,17 @@ from streamspace_sdk.hooks import Hooks, make_plugin_manager
 from streamspace_sdk.platforms import ProcessPlatform
 from streamspace_sdk.protocol import VncOpen
 from streamspace_sdk.settings import PluginSettings
+from streamspace_sdk.testing import (
+    RFB_VERSION,
+    RfbStream,
+    read_framebuffer,
+    rfb_handshake,
+    rfb_tcp,
+)
 
 AGENT_ID = "vnc-agent"
 ADMIN_PASSWORD = "admin-password-for-tests"
 USER_PASSWORD = "user-password-1"
-RFB_VERSION = b"RFB 003.008\n"
 
 
 @pytest.fixture(autouse=True)
@@ -47,103 +52,6 @@ def _xvnc() -> None:
     """Fail, never skip, without a real Xvnc: the README's test command installs it."""
     if shutil.which("Xvnc") is None or shutil.which("xterm") is None:
         pytest.fail("Xvnc or xterm missing: apt-get install tigervnc-standalone-server xterm")
-
-
-# -- a minimal RFB 3.8 client --------------------------------------------------------------
-
-
-class _Io:
-    """Read exactly / write, over a WebSocket or a TCP connection."""
-
-    def __init__(
-        self,
-        recv: Callable[[], Awaitable[bytes]],
-        send: Callable[[bytes], Awaitable[None]],
-    ) -> None:
-        self._recv = recv
-        self._send = send
-        self._buffer = bytearray()
-
-    async def read(self, size: int) -> bytes:
-        while len(self._buffer) < size:
-            chunk = await self._recv()
-            if not chunk:
-                raise EOFError(f"closed after {len(self._buffer)} of {size} bytes")
-            self._buffer += chunk
-        data = bytes(self._buffer[:size])
-        del self._buffer[:size]
-        return data
-
-    async def write(self, data: bytes) -> None:
-        await self._send(data)
-
-
-def _ws_io(ws: ClientConnection) -> _Io:
-    async def recv() -> bytes:
-        message = await ws.recv()
-        assert isinstance(message, bytes), "VNC bytes must come in binary frames"
-        return message
-
-    return _Io(recv, ws.send)
-
-
-@dataclass
-class Screen:
-    """What an RFB handshake and one full framebuffer update gave."""
-
-    banner: bytes
-    server_init: bytes
-    pixels: bytes
-
-    @property
-    def size(self) -> tuple[int, int]:
-        width, height = struct.unpack(">HH", self.server_init[:4])
-        return width, height
-
-
-async def rfb_handshake(io: _Io) -> tuple[bytes, bytes]:
-    """Version, SecurityType None, ClientInit; return the banner and the ServerInit."""
-    banner = await io.read(12)
-    await io.write(RFB_VERSION)
-    count = (await io.read(1))[0]
-    assert count > 0, await io.read(int.from_bytes(await io.read(4)))
-    types = await io.read(count)
-    assert 1 in types, f"security types {list(types)} lack None (1)"
-    await io.write(b"\x01")
-    assert await io.read(4) == b"\0\0\0\0", "security handshake failed"
-    await io.write(b"\x01")  # ClientInit: share the desktop
-    head = await io.read(24)
-    name = await io.read(int.from_bytes(head[20:24]))
-    return banner, head + name
-
-
-async def framebuffer(io: _Io, server_init: bytes) -> bytes:
-    """Ask for the whole screen in raw encoding and return its pixels, row by row."""
-    width, height = struct.unpack(">HH", server_init[:4])
-    bytes_per_pixel = server_init[4] // 8
-    await io.write(struct.pack(">BxHi", 2, 1, 0))  # SetEncodings: raw only
-    await io.write(struct.pack(">BBHHHH", 3, 0, 0, 0, width, height))
-    screen = bytearray(width * height * bytes_per_pixel)
-    while True:
-        kind = (await io.read(1))[0]
-        if kind == 0:
-            break
-        assert kind == 2, f"unexpected server message {kind} before the update"  # Bell
-    (rects,) = struct.unpack(">xH", await io.read(3))
-    for _ in range(rects):
-        x, y, w, h, encoding = struct.unpack(">HHHHi", await io.read(12))
-        assert encoding == 0, f"asked for raw, got encoding {encoding}"
-        data = await io.read(w * h * bytes_per_pixel)
-        row = w * bytes_per_pixel
-        for line in range(h):
-            start = ((y + line) * width + x) * bytes_per_pixel
-            screen[start : start + row] = data[line * row : (line + 1) * row]
-    return bytes(screen)
-
-
-async def screen_of(io: _Io) -> Screen:
-    banner, server_init = await rfb_handshake(io)
-    return Screen(banner, server_init, await framebuffer(io, server_init))
 
 
 # -- the environment -----------------------------------------------------------------------
@@ -310,42 +218,33 @@ async def test_rfb_through_the_proxy_equals_a_direct_connection(env: Env) -> Non
     screenshots are compared once two direct ones taken around the proxied one agree and
     show something.
     """
-    reader, writer = await asyncio.open_connection("127.0.0.1", await env.vnc_port())
-
-    async def tcp_send(data: bytes) -> None:
-        writer.write(data)
-        await writer.drain()
-
     sid = env.session_id
-    try:
-        tcp = _Io(lambda: reader.read(65536), tcp_send)
-        direct = await screen_of(tcp)
+    async with rfb_tcp("127.0.0.1", await env.vnc_port()) as tcp:
+        direct_banner, direct = await rfb_handshake(tcp)
+        await read_framebuffer(tcp, direct)
         async with env.viewer(await env.token()) as ws:
             assert ws.subprotocol == "binary"
-            viewer = _ws_io(ws)
-            proxied = await screen_of(viewer)
+            viewer = RfbStream.websocket(ws)
+            proxied_banner, proxied = await rfb_handshake(viewer)
+            await read_framebuffer(viewer, proxied)
             assert env.sample("streamspace_vnc_viewers", session_id=sid) == 1
             for _ in range(50):
-                before = await framebuffer(tcp, direct.server_init)
-                through = await framebuffer(viewer, proxied.server_init)
-                after = await framebuffer(tcp, direct.server_init)
-                if before == after and any(before):  # drawn (xterm is up), and still
+                before = await read_framebuffer(tcp, direct)
+                through = await read_framebuffer(viewer, proxied)
+                after = await read_framebuffer(tcp, direct)
+                if before == after and len(before.colours()) > 1:  # drawn (xterm is up), still
                     break
             else:
                 pytest.fail("the desktop was never drawn and still for three screenshots")
-    finally:
-        writer.close()
-        await writer.wait_closed()
 
-    assert proxied.banner == direct.banner == RFB_VERSION
-    assert proxied.server_init == direct.server_init
-    width, height = proxied.size
-    assert width > 0
-    assert height > 0
+    assert proxied_banner == direct_banner == RFB_VERSION
+    assert proxied == direct  # ServerInit: size, pixel format, name
+    assert proxied.width > 0
+    assert proxied.height > 0
     assert through == before
-    assert any(through), "the desktop is blank"
+    assert len(through.colours()) > 1, "the desktop is blank"
     assert env.sample("streamspace_vnc_bytes_total", session_id=sid, direction="to_viewer") >= (
-        2 * len(through)
+        2 * len(through.pixels)
     )
     assert env.sample("streamspace_vnc_bytes_total", session_id=sid, direction="to_session") > 0
     assert env.sample("streamspace_vnc_stream_open_seconds_count") == 1
@@ -388,7 +287,7 @@ async def test_bad_tokens_and_foreign_origins_are_refused_before_the_agent_hears
     # The refused Origin did not use the token up; the same host is always allowed.
     host = env.ws_base.removeprefix("ws://")
     async with env.viewer(good, origin=f"http://{host}") as ws:
-        banner, _ = await rfb_handshake(_ws_io(ws))
+        banner, _ = await rfb_handshake(RfbStream.websocket(ws))
         assert banner == RFB_VERSION
     assert env.agent.vnc_streams_requested == 1
     assert await _refused(env, good) == 403  # reused
@@ -420,9 +319,12 @@ async def test_two_viewers_get_separate_streams_and_closing_one_closes_its_tcp(
     env: Env,
 ) -> None:
     async with env.viewer(await env.token()) as first, env.viewer(await env.token()) as second:
-        one, two = _ws_io(first), _ws_io(second)
-        screens = await asyncio.gather(screen_of(one), screen_of(two))
-        assert screens[0].server_init == screens[1].server_init
+        one, two = RfbStream.websocket(first), RfbStream.websocket(second)
+        (_, init_one), (_, init_two) = await asyncio.gather(rfb_handshake(one), rfb_handshake(two))
+        assert init_one == init_two
+        screens = await asyncio.gather(
+            read_framebuffer(one, init_one), read_framebuffer(two, init_two)
+        )
         assert env.agent.vnc_streams_open == 2
         dedicated = 2 if env.agent.transport.name == "ws-dedicated" else 0
         assert env.sample("streamspace_websocket_connections", kind="agent-stream") == dedicated
@@ -434,8 +336,8 @@ async def test_two_viewers_get_separate_streams_and_closing_one_closes_its_tcp(
 
         await eventually(one_left)
         # The second viewer is untouched: it gets another full update.
-        again = await framebuffer(two, screens[1].server_init)
-        assert len(again) == len(screens[1].pixels)
+        again = await read_framebuffer(two, init_two)
+        assert len(again.pixels) == len(screens[1].pixels)
 
     async def all_closed() -> bool:
         return env.agent.vnc_streams_open == 0 and not env.sample(
@@ -542,7 +444,7 @@ async def _closed_within(ws: ClientConnection, timeout_s: float = 5.0) -> tuple[
 @pytest.mark.asyncio
 async def test_stopping_or_deleting_a_session_closes_its_viewers_at_once(env: Env) -> None:
     async with env.viewer(await env.token()) as ws:
-        await rfb_handshake(_ws_io(ws))
+        await rfb_handshake(RfbStream.websocket(ws))
         r = await env.http.patch(
             f"/api/v1/sessions/{env.session_id}", json={"state": "stopped"}, headers=env.alice
         )
@@ -550,7 +452,7 @@ async def test_stopping_or_deleting_a_session_closes_its_viewers_at_once(env: En
         assert await _closed_within(ws) == (4403, "the session is stopping")
     second = await env.start_session(env.alice)
     async with env.viewer(await env.token(second), second) as ws:
-        await rfb_handshake(_ws_io(ws))
+        await rfb_handshake(RfbStream.websocket(ws))
         r = await env.http.delete(f"/api/v1/sessions/{second}", headers=env.alice)
         assert r.status_code == 202, r.text
         assert await _closed_within(ws) == (4403, "the session is stopping")
@@ -566,7 +468,7 @@ async def test_deleting_a_user_closes_the_viewers_they_hold(env: Env) -> None:
     assert r.status_code == 201, r.text
     carol = await _login(env.http, "carol", USER_PASSWORD)
     async with env.viewer(await env.token(headers=carol)) as ws:  # an admin views alice's
-        await rfb_handshake(_ws_io(ws))
+        await rfb_handshake(RfbStream.websocket(ws))
         r = await env.http.delete("/api/v1/users/carol", headers=env.admin)
         assert r.status_code == 204, r.text
         assert await _closed_within(ws) == (4403, "the user was deleted")
@@ -578,7 +480,7 @@ async def test_revoking_the_agent_token_disconnects_the_agent_and_its_viewers(en
     assert r.status_code == 200, r.text
     (token,) = [t for t in r.json() if t["agent_id"] == AGENT_ID and t["revoked_at"] is None]
     async with env.viewer(await env.token()) as ws:
-        await rfb_handshake(_ws_io(ws))
+        await rfb_handshake(RfbStream.websocket(ws))
         r = await env.http.delete(f"/api/v1/agent-tokens/{token['token_id']}", headers=env.admin)
         assert r.status_code == 204, r.text
         assert await _closed_within(ws) == (4403, "the agent's token was revoked")
@@ -597,7 +499,7 @@ async def test_disabling_a_user_closes_their_viewers_and_refuses_new_ones(env: E
     redemption, and none can be issued; the session keeps running."""
     spare = await env.token()  # issued while alice was enabled, redeemed after
     async with env.viewer(await env.token()) as ws:
-        await rfb_handshake(_ws_io(ws))
+        await rfb_handshake(RfbStream.websocket(ws))
         r = await env.http.patch("/api/v1/users/alice", json={"disabled": True}, headers=env.admin)
         assert r.status_code == 200, r.text
         assert await _closed_within(ws) == (4403, "the user was disabled")
@@ -616,7 +518,7 @@ async def test_deleting_an_online_agent_disconnects_it_and_its_viewers(env: Env)
     is stopped and unplaced, and the agent does not come back."""
     (token,) = [t for t in await env.harness.cp.store.list_agent_tokens(AGENT_ID)]
     async with env.viewer(await env.token()) as ws:
-        await rfb_handshake(_ws_io(ws))
+        await rfb_handshake(RfbStream.websocket(ws))
         r = await env.http.delete(f"/api/v1/agents/{AGENT_ID}", headers=env.admin)
         assert r.status_code == 204, r.text
         assert await _closed_within(ws) == (4403, "the agent was deleted")

@@ -42,18 +42,7 @@ import pytest
 import pytest_asyncio
 from agentsim import eventually
 from apikit import isolate
-from test_vnc import (
-    AGENT_ID,
-    RFB_VERSION,
-    TRANSPORTS,
-    Env,
-    _closed_within,
-    _Io,
-    _ws_io,
-    environment,
-    framebuffer,
-    rfb_handshake,
-)
+from test_vnc import AGENT_ID, TRANSPORTS, Env, _closed_within, environment
 from websockets.asyncio.client import connect
 from websockets.typing import Subprotocol
 
@@ -62,10 +51,18 @@ from streamspace_controlplane.services.tunnels import tunnels
 from streamspace_controlplane.store.base import Store
 from streamspace_sdk import AgentSettings
 from streamspace_sdk.platform import VncEndpoint
-from streamspace_sdk.testing import Faults, TcpBalancer
+from streamspace_sdk.testing import (
+    RFB_VERSION,
+    Faults,
+    RfbStream,
+    TcpBalancer,
+    read_framebuffer,
+    rfb_handshake,
+    rfb_tcp,
+)
 
-REGION = (64, 48)
-"""Width and height of the screen region read under a bandwidth cap (12 KiB at 32 bpp):
+REGION = (0, 0, 64, 48)
+"""The screen region read under a bandwidth cap, its top left 64x48 (12 KiB at 32 bpp):
 the whole 1280x800 screen would take a minute at 64 KiB/s."""
 
 
@@ -148,45 +145,6 @@ async def net(
         yield made
 
 
-async def region(io: _Io, server_init: bytes) -> bytes:
-    """Ask for the top left :data:`REGION` in raw encoding; return its pixels, row by row."""
-    width, height = REGION
-    bytes_per_pixel = server_init[4] // 8
-    await io.write(struct.pack(">BxHi", 2, 1, 0))  # SetEncodings: raw only
-    await io.write(struct.pack(">BBHHHH", 3, 0, 0, 0, width, height))
-    while (kind := (await io.read(1))[0]) != 0:
-        assert kind == 2, f"unexpected server message {kind} before the update"  # Bell
-    pixels = bytearray(width * height * bytes_per_pixel)
-    (rects,) = struct.unpack(">xH", await io.read(3))
-    for _ in range(rects):
-        x, y, w, h, encoding = struct.unpack(">HHHHi", await io.read(12))
-        assert encoding == 0, f"asked for raw, got encoding {encoding}"
-        assert x + w <= width, "a rectangle outside the region asked for"
-        assert y + h <= height, "a rectangle outside the region asked for"
-        row = w * bytes_per_pixel
-        data = await io.read(h * row)
-        for line in range(h):
-            start = ((y + line) * width + x) * bytes_per_pixel
-            pixels[start : start + row] = data[line * row : (line + 1) * row]
-    return bytes(pixels)
-
-
-@contextlib.asynccontextmanager
-async def direct_rfb(port: int) -> AsyncIterator[_Io]:
-    """An RFB connection straight to the VNC port, past every balancer."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-
-    async def send(data: bytes) -> None:
-        writer.write(data)
-        await writer.drain()
-
-    try:
-        yield _Io(lambda: reader.read(65536), send)
-    finally:
-        writer.close()
-        await writer.wait_closed()
-
-
 @pytest.mark.asyncio
 async def test_latency_slicing_and_a_bandwidth_cap_slow_the_desktop_but_keep_it_intact(
     net: Net,
@@ -197,20 +155,20 @@ async def test_latency_slicing_and_a_bandwidth_cap_slow_the_desktop_but_keep_it_
     around the faulted one agree.
     """
     cap = 64 * 1024
-    async with direct_rfb(await net.env.vnc_port()) as tcp:
+    async with rfb_tcp("127.0.0.1", await net.env.vnc_port()) as tcp:
         banner, server_init = await rfb_handshake(tcp)
         net.vnc.faults = Faults(latency_s=0.02, slice_bytes=5, bytes_per_s=cap)
         async with net.viewer(await net.env.token()) as ws:
-            viewer = _ws_io(ws)
+            viewer = RfbStream.websocket(ws)
             t0 = time.monotonic()
             faulted_banner, faulted_init = await rfb_handshake(viewer)
             handshake_s = time.monotonic() - t0
             for _ in range(5):
-                before = await region(tcp, server_init)
+                before = await read_framebuffer(tcp, server_init, region=REGION)
                 t0 = time.monotonic()
-                through = await region(viewer, faulted_init)
+                through = await read_framebuffer(viewer, faulted_init, region=REGION)
                 update_s = time.monotonic() - t0
-                after = await region(tcp, server_init)
+                after = await read_framebuffer(tcp, server_init, region=REGION)
                 if before == after:
                     break
             else:
@@ -218,10 +176,10 @@ async def test_latency_slicing_and_a_bandwidth_cap_slow_the_desktop_but_keep_it_
     assert faulted_banner == banner == RFB_VERSION
     assert faulted_init == server_init
     assert through == before
-    assert any(through), "the region is blank: nothing to tell a garbled update by"
+    assert any(through.pixels), "the region is blank: nothing to tell a garbled update by"
     # Four round trips of 20 ms each way (version, security, its result, ServerInit).
     assert handshake_s >= 4 * 2 * 0.02
-    assert update_s >= len(through) / cap * 0.9, "the bandwidth cap did not apply"
+    assert update_s >= len(through.pixels) / cap * 0.9, "the bandwidth cap did not apply"
     assert update_s < 5
     await net.released()
 
@@ -234,14 +192,13 @@ async def test_a_vnc_server_reset_closes_the_viewer_and_spares_the_agent_and_ses
     assert first is not None
     net.vnc.faults.reset_after_bytes = 4096  # past the handshake, inside the first update
     async with net.viewer(await net.env.token()) as ws:
-        viewer = _ws_io(ws)
-        _, server_init = await rfb_handshake(viewer)
+        viewer = RfbStream.websocket(ws)
+        _, before = await rfb_handshake(viewer)
         t0 = time.monotonic()
-        await viewer.write(struct.pack(">BxHi", 2, 1, 0))  # SetEncodings: raw only
-        width, height = struct.unpack(">HH", server_init[:4])
-        await viewer.write(struct.pack(">BBHHHH", 3, 0, 0, 0, width, height))
-        code, reason = await _closed_within(ws)
+        with pytest.raises(EOFError, match="the WebSocket closed with 1000"):
+            await asyncio.wait_for(read_framebuffer(viewer, before), 5)
         closed_s = time.monotonic() - t0
+        code, reason = await _closed_within(ws)
     assert (code, reason) == (1000, "the session's VNC server closed")
     assert closed_s < 2
     await net.released()
@@ -252,11 +209,12 @@ async def test_a_vnc_server_reset_closes_the_viewer_and_spares_the_agent_and_ses
 
     net.vnc.faults = Faults()
     async with net.viewer(await net.env.token()) as ws:
-        viewer = _ws_io(ws)
+        viewer = RfbStream.websocket(ws)
         banner, server_init = await rfb_handshake(viewer)
         assert banner == RFB_VERSION
-        pixels = await framebuffer(viewer, server_init)
-        assert len(pixels) == width * height * server_init[4] // 8
+        assert server_init == before
+        screen = await read_framebuffer(viewer, server_init)
+        assert len(screen.pixels) == 4 * before.width * before.height
     await net.released()
     assert net.env.agent.connection_id == first
 
@@ -278,7 +236,7 @@ async def test_a_black_holed_vnc_server_is_closed_as_idle_and_spares_other_sessi
             # Meanwhile the agent starts another session, and its viewer gets the desktop.
             other = await net.env.start_session(net.env.alice)
             async with net.viewer(await net.env.token(other), other) as second:
-                banner, _ = await rfb_handshake(_ws_io(second))
+                banner, _ = await rfb_handshake(RfbStream.websocket(second))
                 assert banner == RFB_VERSION
             code, reason = await _closed_within(ws, timeout_s=idle_s + 5)
             closed_s = time.monotonic() - t0
@@ -306,7 +264,7 @@ async def test_a_viewer_leaving_a_black_holed_stream_frees_it_at_once(net: Net) 
 async def test_a_viewer_reset_releases_the_stream_and_the_vnc_connection(net: Net) -> None:
     first = net.env.agent.connection_id
     async with net.viewer(await net.env.token()) as ws:
-        banner, _ = await rfb_handshake(_ws_io(ws))
+        banner, _ = await rfb_handshake(RfbStream.websocket(ws))
         assert banner == RFB_VERSION
         assert net.open_streams() == {
             "agent": 1,
@@ -335,7 +293,7 @@ async def test_a_vnc_server_that_stops_reading_is_given_up_after_the_stall_timeo
     net.env.agent._vnc.stall_timeout_s = stall_s
     first = net.env.agent.connection_id
     async with net.viewer(await net.env.token()) as ws:
-        await rfb_handshake(_ws_io(ws))
+        await rfb_handshake(RfbStream.websocket(ws))
         net.vnc.faults = Faults(bytes_per_s=1.0, slice_bytes=1)
         pointer = struct.pack(">BBHH", 5, 0, 10, 10)  # PointerEvent: harmless, 6 bytes
 
