@@ -2,14 +2,12 @@
 Docker engine, and the desktop image (Xvnc and xterm) built on this host.
 
 A session started over REST shows its desktop through ``/vnc/{id}`` (a real RFB handshake
-and a framebuffer update); SIGKILL and restart of the agent adopt the same container; the
+and a whole frame); SIGKILL and restart of the agent adopt the same container; the
 user's second session finds in its home the file the first one wrote.
 """
 
 from __future__ import annotations
 
-import asyncio
-import struct
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -18,10 +16,10 @@ import docker
 import httpx
 import pytest
 import pytest_asyncio
-import websockets
 from conftest import AGENT_ID, Agents, ControlPlane, EventWatch, create_session, docker_engine
 
 from streamspace_docker.image import DESKTOP_IMAGE
+from streamspace_sdk.testing import read_screen
 
 pytestmark = pytest.mark.asyncio
 
@@ -63,54 +61,13 @@ DOCKER_ENV = {
 }
 
 
-class Rfb:
-    """The client side of an RFB handshake over a viewer WebSocket; bytes buffered."""
-
-    def __init__(self, ws: websockets.ClientConnection) -> None:
-        self.ws = ws
-        self.buffer = b""
-
-    async def read(self, n: int) -> bytes:
-        while len(self.buffer) < n:
-            message = await asyncio.wait_for(self.ws.recv(), 10)
-            assert isinstance(message, bytes), message
-            self.buffer += message
-        data, self.buffer = self.buffer[:n], self.buffer[n:]
-        return data
-
-    async def handshake(self) -> tuple[int, int, str]:
-        """Do version, security (None) and init; return the desktop's width, height, name."""
-        assert await self.read(12) == b"RFB 003.008\n"
-        await self.ws.send(b"RFB 003.008\n")
-        (count,) = await self.read(1)
-        types = await self.read(count)
-        assert 1 in types, f"the desktop offers security types {list(types)}, not None"
-        await self.ws.send(b"\x01")
-        assert await self.read(4) == b"\0\0\0\0", "security result: failed"
-        await self.ws.send(b"\x01")  # ClientInit: shared
-        width, height = struct.unpack(">HH", await self.read(4))
-        await self.read(16)  # pixel format
-        (length,) = struct.unpack(">I", await self.read(4))
-        return width, height, (await self.read(length)).decode()
-
-    async def framebuffer(self, width: int, height: int) -> int:
-        """Ask for the whole screen; return how many rectangles the update brings."""
-        await self.ws.send(struct.pack(">BBHHHH", 3, 0, 0, 0, width, height))
-        kind, _pad, rectangles = struct.unpack(">BBH", await self.read(4))
-        assert kind == 0, f"expected a FramebufferUpdate, got message type {kind}"
-        return int(rectangles)
-
-
 async def view(cp: ControlPlane, admin: httpx.AsyncClient, sid: str) -> tuple[int, int, str]:
-    """Open the session's desktop through ``/vnc/{id}`` as a viewer; return what it shows."""
+    """Read the session's whole screen through ``/vnc/{id}`` as a viewer; return its size
+    and desktop name."""
     r = await admin.post(f"/api/v1/sessions/{sid}/vnc-token")
     assert r.status_code == 201, r.text
-    url = f"{cp.ws_url}{r.json()['url']}"
-    async with websockets.connect(url, subprotocols=[websockets.Subprotocol("binary")]) as ws:
-        rfb = Rfb(ws)
-        width, height, name = await rfb.handshake()
-        assert await rfb.framebuffer(width, height) >= 1
-        return width, height, name
+    screen = await read_screen(f"{cp.ws_url}{r.json()['url']}")
+    return screen.width, screen.height, screen.name
 
 
 def container(engine: docker.APIClient, sid: str) -> dict[str, Any]:

@@ -4,8 +4,9 @@ Replicas A, B and C (``AGENT_HUB_BACKEND=redis``) share a database made for the 
 a Redis key prefix. Two agent processes dial through a :class:`TcpBalancer` each, as through
 a Service: ``agent-c`` lands on C, ``agent-b`` on B. Then:
 
-1. REST on A starts a session on ``agent-c`` (held by C); a viewer on B reads its desktop;
-   REST on C starts one on ``agent-b``, which a viewer on A reads.
+1. REST on A starts a session on ``agent-c`` (held by C); a viewer on B reads its desktop
+   (a whole frame of the session's size and name, drawn: more than one colour once xterm
+   is up); REST on C starts one on ``agent-b``, which a viewer on A reads.
 2. SIGKILL of C: ``agent-c`` is back, on A, within 10 s; the leader (A) clears C's
    Redis entries once C's liveness key has expired.
 3. Commands issued before (a start), during (a stop and a start, sent while ``agent-c``
@@ -28,7 +29,6 @@ import httpx
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
-import websockets
 from conftest import (
     _LOGS,
     ADMIN_PASSWORD,
@@ -42,7 +42,7 @@ from conftest import (
     records,
 )
 
-from streamspace_sdk.testing import TcpBalancer
+from streamspace_sdk.testing import TcpBalancer, read_screen
 
 pytestmark = pytest.mark.asyncio
 
@@ -50,6 +50,8 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 PG = "postgresql://postgres@127.0.0.1:5432"
 FAILOVER_S = 10.0
 """The issue's bound on an agent's return after its replica is killed."""
+DESKTOP = (1280, 800)
+"""The screen of a ``process`` session (Xvnc's ``PROCESS_GEOMETRY``, left at its default)."""
 
 
 @pytest_asyncio.fixture
@@ -122,36 +124,28 @@ async def start_session(http: httpx.AsyncClient, template: str) -> str:
     return str(r.json()["id"])
 
 
-async def screen_size(viewer_on: ControlPlane, http: httpx.AsyncClient, session_id: str) -> int:
-    """View ``session_id`` through ``viewer_on`` on a token from ``http``'s replica; return
-    the framebuffer width from ServerInit."""
-    r = await http.post(f"/api/v1/sessions/{session_id}/vnc-token")
-    assert r.status_code == 201, r.text
-    url = f"{viewer_on.ws_url}/vnc/{session_id}?token={r.json()['token']}"
-    async with (
-        asyncio.timeout(WAIT_S),
-        websockets.connect(url, subprotocols=["binary"], compression=None) as ws,  # type: ignore[list-item]
-    ):
-        buffer = bytearray()
+async def sees_its_desktop(
+    viewer_on: ControlPlane, http: httpx.AsyncClient, session_id: str
+) -> None:
+    """A viewer on ``viewer_on``, on tokens from ``http``'s replica, reads ``session_id``'s
+    whole screen: of the session's size and name, and drawn.
 
-        async def read(size: int) -> bytes:
-            while len(buffer) < size:
-                message = await ws.recv()
-                assert isinstance(message, bytes)
-                buffer.extend(message)
-            data = bytes(buffer[:size])
-            del buffer[:size]
-            return data
-
-        assert await read(12) == b"RFB 003.008\n"
-        await ws.send(b"RFB 003.008\n")
-        types = await read((await read(1))[0])
-        assert 1 in types
-        await ws.send(b"\x01")
-        assert await read(4) == b"\0\0\0\0"
-        await ws.send(b"\x01")
-        server_init = await read(24)
-    return int.from_bytes(server_init[:2])
+    Until xterm has drawn, the screen is one colour (black), so it is read again, each time
+    by a new viewer with a new token (tokens are single use), until it has more.
+    """
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        r = await http.post(f"/api/v1/sessions/{session_id}/vnc-token")
+        assert r.status_code == 201, r.text
+        url = f"{viewer_on.ws_url}/vnc/{session_id}?token={r.json()['token']}"
+        screen = await read_screen(url, timeout_s=WAIT_S)
+        assert (screen.width, screen.height) == DESKTOP
+        assert screen.name == f"streamspace-{session_id}"
+        if len(screen.colours()) > 1:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"{session_id}'s desktop stays one colour: {screen.colours()}")
+        await asyncio.sleep(0.2)
 
 
 async def test_three_replicas_one_database_one_redis_and_a_replica_killed(
@@ -213,8 +207,8 @@ async def test_three_replicas_one_database_one_redis_and_a_replica_killed(
         for session_id in (before, stopped_later, on_b_agent):
             async with EventWatch(on_a, session_id) as watch:
                 await watch.wait_for("running", timeout_s=30)
-        assert await screen_size(b, on_a, before) > 0
-        assert await screen_size(a, on_c, on_b_agent) > 0
+        await sees_its_desktop(b, on_a, before)
+        await sees_its_desktop(a, on_c, on_b_agent)
         agent_c = agents[0]  # started first
         pgids = {sid: r["pgid"] for sid, r in records(agent_c.state_dir).items()}
 
@@ -237,8 +231,8 @@ async def test_three_replicas_one_database_one_redis_and_a_replica_killed(
                 await watch.wait_for("running", timeout_s=30)
         async with EventWatch(on_a, stopped_later) as watch:
             await watch.wait_for("stopped", timeout_s=30)
-        assert await screen_size(b, on_a, during) > 0  # B relays to A now
-        assert await screen_size(a, on_b, before) > 0  # A holds it now
+        await sees_its_desktop(b, on_a, during)  # B relays to A now
+        await sees_its_desktop(a, on_b, before)  # A holds it now
 
         # Exactly once: one process group per running session, never restarted.
         now = records(agent_c.state_dir)
