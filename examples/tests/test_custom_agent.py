@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 from conftest import CUSTOM_AGENT, Stack, create_session, create_template, vnc_url, wait_state
-from rfb import read_screen
+
+from streamspace_sdk.testing import read_screen
 
 pytestmark = pytest.mark.asyncio
 
@@ -28,7 +29,7 @@ async def test_custom_agent_serves_its_colour_bars(stack: Stack) -> None:
     # third: the bars come out right only if the agent honoured SetPixelFormat.
     for y in (0, 120, 239):
         assert [screen.rgb(40 * i + 20, y) for i in range(8)] == BARS
-    assert screen.colours() == {bytes(rgb) for rgb in BARS}
+    assert screen.colours() == set(BARS)
 
     r = await admin.patch(f"/api/v1/sessions/{session_id}", json={"state": "stopped"})
     assert r.status_code == 200, r.text

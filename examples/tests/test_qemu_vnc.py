@@ -25,7 +25,8 @@ from conftest import (
     vnc_url,
     wait_state,
 )
-from rfb import Screen, read_screen
+
+from streamspace_sdk.testing import Screen, read_screen
 
 BIOS_SCREEN = (720, 400)
 """SeaBIOS's text screen, "No bootable device" on a disk-less VM."""

@@ -1,4 +1,5 @@
-"""Fixtures: real QEMU VMs under a state directory of this run, and a small RFB client.
+"""Fixtures: real QEMU VMs under a state directory of this run, and their screens' sizes
+(read with the SDK kit's RFB viewer).
 
 The tests fail, never skip, when ``qemu-system-x86_64`` is missing: install Debian's
 ``qemu-system-x86``. Every VM a test leaves is killed when the run ends.
@@ -10,7 +11,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import struct
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +20,7 @@ import pytest
 
 from streamspace_example_qemu import QemuPlatform
 from streamspace_sdk import SessionSpec
+from streamspace_sdk.testing import RFB_VERSION, rfb_handshake, rfb_tcp
 
 pytest_plugins = ["streamspace_sdk.testing.plugin"]
 
@@ -103,24 +104,7 @@ async def wait_screen(host: str, port: int, size: tuple[int, int], timeout_s: fl
 async def server_init(host: str, port: int, timeout_s: float = 5.0) -> tuple[int, int, str]:
     """Do an RFB 3.8 handshake (security type None) and return ServerInit's framebuffer
     width, height and desktop name."""
-    async with asyncio.timeout(timeout_s):
-        reader, writer = await asyncio.open_connection(host, port)
-        try:
-            banner = await reader.readexactly(12)
-            assert banner == b"RFB 003.008\n", banner
-            writer.write(banner)
-            (count,) = await reader.readexactly(1)
-            types = await reader.readexactly(count)
-            assert 1 in types, f"security types {list(types)} lack None (1)"
-            writer.write(b"\x01")
-            assert await reader.readexactly(4) == b"\0\0\0\0", "security handshake failed"
-            writer.write(b"\x01")  # ClientInit: share the desktop
-            width, height = struct.unpack(">HH", await reader.readexactly(4))
-            await reader.readexactly(16)  # pixel format
-            (name_length,) = struct.unpack(">I", await reader.readexactly(4))
-            name = (await reader.readexactly(name_length)).decode()
-            return width, height, name
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+    async with asyncio.timeout(timeout_s), rfb_tcp(host, port) as rfb:
+        banner, init = await rfb_handshake(rfb)
+    assert banner == RFB_VERSION, banner
+    return init.width, init.height, init.name
