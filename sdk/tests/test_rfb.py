@@ -122,6 +122,14 @@ async def test_a_whole_frame_comes_in_the_pixel_format_asked_for(vnc: Vnc) -> No
         screen.rgb(SIZE[0], 0)
 
 
+async def test_drawn_reads_until_the_desktop_shows_more_than_one_colour(vnc: Vnc) -> None:
+    """The session is running once Xvnc answers, before the xterm has drawn (the screen is
+    black): ``drawn=True`` returns a frame the xterm has drawn on."""
+    screen = await read_screen_tcp(vnc.host, vnc.port, timeout_s=15, drawn=True)
+    assert len(screen.colours()) > 1
+    assert ORANGE in screen.colours()
+
+
 async def test_regions_and_frames_follow_one_another_on_one_connection(vnc: Vnc) -> None:
     """Regions read on the connection that read the whole screen are those parts of it."""
     await drawn(vnc)

@@ -17,8 +17,9 @@ network (``Faults``: latency, bandwidth, slicing, black hole, reset after N byte
 
 A VNC viewer (RFB 3.8, security type None, Raw) reads a session's screen pixel by pixel:
 ``read_screen(url)`` through the control plane's ``/vnc/{id}``, ``read_screen_tcp(host,
-port)`` from its VNC port; ``rfb_handshake`` and ``read_framebuffer`` over an ``RfbStream``
-(a WebSocket or a TCP connection) for more frames on one connection.
+port)`` from its VNC port (``drawn=True`` waits for a desktop that has drawn something);
+``rfb_handshake`` and ``read_framebuffer`` over an ``RfbStream`` (a WebSocket or a TCP
+connection) for more frames on one connection.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from streamspace_sdk.testing.rfb import (
     RfbStream,
     Screen,
     ServerInit,
+    read_drawn_framebuffer,
     read_framebuffer,
     read_screen,
     read_screen_tcp,
@@ -83,6 +85,7 @@ __all__ = [
     "TcpBalancer",
     "TransportConformance",
     "memory_stream_pair",
+    "read_drawn_framebuffer",
     "read_framebuffer",
     "read_screen",
     "read_screen_tcp",

@@ -34,6 +34,7 @@ __all__ = [
     "RfbStream",
     "Screen",
     "ServerInit",
+    "read_drawn_framebuffer",
     "read_framebuffer",
     "read_screen",
     "read_screen_tcp",
@@ -310,46 +311,66 @@ async def read_framebuffer(
     return Screen(width, height, init.name, bytes(pixels))
 
 
-async def read_screen(url: str, *, timeout_s: float = 30.0) -> Screen:
+async def read_drawn_framebuffer(stream: RfbStream, init: ServerInit) -> Screen:
+    """Read whole frames until one shows more than one colour, and return it.
+
+    An X server's screen is one colour until its first client draws, and a session may be
+    running before its desktop has drawn; bound the wait with a timeout around the call.
+    """
+    while True:
+        screen = await read_framebuffer(stream, init)
+        if len(screen.colours()) > 1:
+            return screen
+
+
+async def read_screen(url: str, *, timeout_s: float = 30.0, drawn: bool = False) -> Screen:
     """Connect to a viewer URL as noVNC does and read one whole frame.
 
     Args:
         url: ``ws://host:port/vnc/{session_id}?token=...``; a token serves one call.
         timeout_s: Bound on the whole exchange, so a stalled server fails the test.
+        drawn: Read frames until one shows more than one colour
+            (:func:`read_drawn_framebuffer`).
     """
     where = url.partition("?")[0]  # the token stays out of messages
     async with (
-        _named(where, timeout_s),
+        _named(where, timeout_s, drawn),
         asyncio.timeout(timeout_s),
         connect(url, subprotocols=[Subprotocol("binary")], compression=None, max_size=None) as ws,
     ):
         stream = RfbStream.websocket(ws)
         _, init = await rfb_handshake(stream)
-        return await read_framebuffer(stream, init)
+        read = read_drawn_framebuffer if drawn else read_framebuffer
+        return await read(stream, init)
 
 
-async def read_screen_tcp(host: str, port: int, *, timeout_s: float = 30.0) -> Screen:
+async def read_screen_tcp(
+    host: str, port: int, *, timeout_s: float = 30.0, drawn: bool = False
+) -> Screen:
     """Connect to the VNC server at ``host``:``port`` and read one whole frame.
 
     Args:
         timeout_s: Bound on the whole exchange, so a stalled server fails the test.
+        drawn: Read frames until one shows more than one colour.
     """
     async with (
-        _named(f"{host}:{port}", timeout_s),
+        _named(f"{host}:{port}", timeout_s, drawn),
         asyncio.timeout(timeout_s),
         rfb_tcp(host, port) as stream,
     ):
         _, init = await rfb_handshake(stream)
-        return await read_framebuffer(stream, init)
+        read = read_drawn_framebuffer if drawn else read_framebuffer
+        return await read(stream, init)
 
 
 @contextlib.asynccontextmanager
-async def _named(where: str, timeout_s: float) -> AsyncIterator[None]:
+async def _named(where: str, timeout_s: float, drawn: bool) -> AsyncIterator[None]:
     """Say which server did not give a frame in time (the timeout's own error is bare)."""
     try:
         yield
     except TimeoutError as error:
-        raise TimeoutError(f"no whole frame from {where} within {timeout_s:g}s") from error
+        frame = "drawn frame" if drawn else "whole frame"
+        raise TimeoutError(f"no {frame} from {where} within {timeout_s:g}s") from error
 
 
 async def _text(stream: RfbStream) -> str:
