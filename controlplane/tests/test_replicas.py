@@ -34,7 +34,7 @@ from streamspace_sdk.testing import (
     RFB_VERSION,
     RfbStream,
     TcpBalancer,
-    read_framebuffer,
+    read_drawn_framebuffer,
     rfb_handshake,
 )
 
@@ -185,7 +185,8 @@ async def held_by(cluster: Cluster, name: str, agent_id: str = AGENT_ID) -> None
 
 
 async def vnc_screen(viewer_on: Replica, token_from: Replica, session_id: str) -> tuple[int, int]:
-    """Take a token from one replica, view through another; return the screen's size."""
+    """Take a token from one replica, view through another until the desktop has drawn;
+    return the screen's size."""
     r = await token_from.http.post(f"/api/v1/sessions/{session_id}/vnc-token")
     assert r.status_code == 201, r.text
     token = r.json()["token"]
@@ -198,9 +199,9 @@ async def vnc_screen(viewer_on: Replica, token_from: Replica, session_id: str) -
         assert ws.subprotocol == "binary"
         viewer = RfbStream.websocket(ws)
         banner, init = await rfb_handshake(viewer)
-        screen = await read_framebuffer(viewer, init)
+        async with asyncio.timeout(30):
+            screen = await read_drawn_framebuffer(viewer, init)
     assert banner == RFB_VERSION
-    assert any(screen.pixels)
     return screen.width, screen.height
 
 
@@ -401,3 +402,45 @@ async def test_a_silent_agent_is_closed_by_the_replica_holding_it(cluster: Clust
     closed = await silent.wait_closed(timeout_s=15)
     assert closed.code == 4408
     assert "no heartbeat" in closed.reason
+
+
+@pytest.mark.asyncio
+async def test_commands_cross_replicas_with_every_redis_notice_lost(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis pub/sub keeps nothing for a replica that is not listening, so notices can be
+    lost. With every notice of every replica lost, a start and a stop requested on A for an
+    agent held by C still reach it from the PostgreSQL outbox (each replica looks for due
+    commands every second), and each is carried out once."""
+    a, c = cluster.replicas["a"], cluster.replicas["c"]
+    lost: list[str] = []
+    for replica in cluster.replicas.values():
+
+        def lose(_agent_id: str | None, notice: str, _arg: str) -> None:
+            lost.append(notice)
+
+        monkeypatch.setattr(replica.harness.cp.hub, "_post", lose)
+    created = await a.http.post(
+        "/api/v1/templates",
+        json={"name": "memory", "display_name": "Memory", "platform": "memory", "region": "c"},
+    )
+    assert created.status_code == 201, created.text
+    sim = await c.harness.agent("on-c", region="c")
+    await held_by(cluster, "c", "on-c")
+    assert a.harness.cp.hub.leading()  # A places the session, C holds the agent
+
+    r = await a.http.post("/api/v1/sessions", json={"template": "memory"})
+    assert r.status_code == 201, r.text
+    session_id = r.json()["id"]
+    await c.harness.wait_state(session_id, "running", timeout_s=5)
+    r = await a.http.patch(f"/api/v1/sessions/{session_id}", json={"state": "stopped"})
+    assert r.status_code in (200, 202), r.text
+    await c.harness.wait_state(session_id, "stopped", timeout_s=5)
+
+    assert "wake" in lost  # the holder was never told
+    assert sim.state.starts == 1
+    commands = await c.harness.cp.store.list_commands(session_id=session_id)
+    assert [(x.command_type, x.status) for x in commands] == [
+        ("start", "completed"),
+        ("stop", "completed"),
+    ]
