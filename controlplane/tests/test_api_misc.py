@@ -29,7 +29,7 @@ from streamspace_sdk.platform import Capacity
 async def test_health_and_ready(store: Store, tmp_path: Path) -> None:
     async with apikit.running(store, tmp_path) as api:
         health = await api.client.get("/health")
-        assert (health.status_code, health.json()) == (200, {"status": "ok"})
+        assert (health.status_code, health.json()) == (200, {"status": "healthy"})
         assert (await api.client.head("/health")).status_code == 200
         ready = await api.client.get("/ready")
         assert ready.status_code == 200

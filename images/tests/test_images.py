@@ -180,7 +180,7 @@ def test_control_plane_serves_health_as_non_root(
         base = f"http://127.0.0.1:{port}"
         status, body = _serving(container, f"{base}/health")
         assert status == 200, body
-        assert json.loads(body) == {"status": "ok"}
+        assert json.loads(body) == {"status": "healthy"}
         assert _get(f"{base}/ready")[0] == 200
         # The web UI's viewer: noVNC is in the wheel the image installed.
         assert _get(f"{base}/static/vendor/novnc/core/rfb.js")[0] == 200

@@ -108,8 +108,8 @@ class ErrorBody(ApiModel):
 class HealthOut(ApiModel):
     """The process is up."""
 
-    status: Literal["ok"] = "ok"
-    """Always ``ok``."""
+    status: Literal["healthy"] = "healthy"
+    """Always ``healthy``, as the agent's own ``/health`` says (and the seed guide expects)."""
 
 
 class ReadyOut(ApiModel):
