@@ -146,6 +146,37 @@ def test_a_bad_value_names_the_variable(
         load_settings(ControlPlaneSettings)
 
 
+@pytest.mark.parametrize(
+    ("value", "level"),
+    [
+        ("debug", "DEBUG"),
+        ("info", "INFO"),
+        ("warn", "WARNING"),
+        ("error", "ERROR"),
+        ("critical", "CRITICAL"),
+        ("WARN", "WARNING"),
+        ("Warning", "WARNING"),
+        ("ERROR", "ERROR"),
+    ],
+)
+def test_log_level_takes_the_seeds_values(
+    monkeypatch: pytest.MonkeyPatch, value: str, level: str
+) -> None:
+    """The seed lists LOG_LEVEL as ``debug, info, warn, error``; any case is taken, and
+    the level's upper-case name is kept (``logging`` takes it, uvicorn its lower case)."""
+    monkeypatch.setenv("LOG_LEVEL", value)
+    assert load_settings(ControlPlaneSettings).log_level == level
+
+
+def test_a_bad_log_level_lists_the_levels(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOG_LEVEL", "loud")
+    with pytest.raises(ConfigError, match=r"^LOG_LEVEL: ") as info:
+        load_settings(ControlPlaneSettings)
+    assert "'loud'" in str(info.value)
+    for allowed in ("debug", "info", "warn", "error", "critical"):
+        assert allowed in str(info.value)
+
+
 def test_a_typo_in_keyword_settings_fails() -> None:
     with pytest.raises(ConfigError, match="JWT_SECRETS"):
         load_settings(ControlPlaneSettings, jwt_secrets="x" * 40)

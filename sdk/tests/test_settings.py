@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -194,6 +196,47 @@ def test_agent_bad_duration_names_the_variable(agent_env: pytest.MonkeyPatch, va
         load_settings(AgentSettings)
     assert var in str(info.value)
     assert "abc" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "level"),
+    [
+        ("debug", "DEBUG"),
+        ("info", "INFO"),
+        ("warn", "WARNING"),
+        ("error", "ERROR"),
+        ("critical", "CRITICAL"),
+        ("WARN", "WARNING"),
+        ("warning", "WARNING"),
+        ("Warning", "WARNING"),
+        (" Info ", "INFO"),
+        ("DEBUG", "DEBUG"),
+    ],
+)
+def test_agent_log_level_takes_the_seeds_values(
+    agent_env: pytest.MonkeyPatch, value: str, level: str
+) -> None:
+    """LOG_LEVEL takes the seed's ``debug, info, warn, error`` and ``critical``, in any case,
+    and holds the :mod:`logging` level's name, which ``logging`` takes as it is."""
+    agent_env.setenv("LOG_LEVEL", value)
+    s = load_settings(AgentSettings)
+    assert s.log_level == level
+    assert isinstance(logging.getLevelName(s.log_level), int)
+
+
+@pytest.mark.parametrize("value", ["LOUD", "trace", "verbose", "10"])
+def test_agent_bad_log_level_names_the_variable_and_the_values(
+    agent_env: pytest.MonkeyPatch, value: str
+) -> None:
+    """A LOG_LEVEL that is no level fails at start-up naming the variable, the value and
+    the levels allowed."""
+    agent_env.setenv("LOG_LEVEL", value)
+    with pytest.raises(ConfigError, match=r"^LOG_LEVEL: ") as info:
+        load_settings(AgentSettings)
+    message = str(info.value)
+    assert repr(value) in message
+    for allowed in ("debug", "info", "warn", "error", "critical"):
+        assert allowed in message
 
 
 def test_agent_missing_required_names_both() -> None:

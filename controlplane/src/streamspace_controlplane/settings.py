@@ -9,14 +9,14 @@ from __future__ import annotations
 import secrets
 import socket
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 from urllib.parse import quote, urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from streamspace_sdk.errors import ConfigError
-from streamspace_sdk.settings import Duration, StreamSpaceSettings, load_settings
+from streamspace_sdk.settings import Duration, LogLevel, StreamSpaceSettings, load_settings
 
 __all__ = ["MIN_JWT_SECRET_CHARS", "ControlPlaneSettings", "load_settings"]
 
@@ -60,8 +60,9 @@ class ControlPlaneSettings(StreamSpaceSettings):
     """HTTP port (0 picks a free one)."""
     host: str = "0.0.0.0"
     """Address to listen on."""
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
-    """Logging level."""
+    log_level: LogLevel = "INFO"
+    """Logging level: ``debug``, ``info``, ``warn``, ``error`` (the seed's) or ``critical``,
+    in any case; held as the level's upper-case name."""
 
     agent_heartbeat_timeout: Annotated[Duration, Field(gt=0)] = 30.0
     """An agent silent this long is marked offline."""

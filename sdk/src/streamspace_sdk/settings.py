@@ -18,6 +18,7 @@ from streamspace_sdk.errors import ConfigError
 __all__ = [
     "AgentSettings",
     "Duration",
+    "LogLevel",
     "PluginSettings",
     "PullPolicy",
     "StreamSpaceSettings",
@@ -77,6 +78,30 @@ def _pull_policy(value: object) -> object:
 
 PullPolicy = Annotated[Literal["IfNotPresent", "Always", "Never"], BeforeValidator(_pull_policy)]
 """``IMAGE_PULL_POLICY``: Kubernetes's image pull policies, in any case."""
+
+
+_LOG_LEVELS = {
+    "debug": "DEBUG",
+    "info": "INFO",
+    "warn": "WARNING",
+    "warning": "WARNING",
+    "error": "ERROR",
+    "critical": "CRITICAL",
+}
+
+
+def _log_level(value: object) -> object:
+    if isinstance(value, str) and value.strip().lower() in _LOG_LEVELS:
+        return _LOG_LEVELS[value.strip().lower()]
+    raise ValueError("must be one of debug, info, warn (or warning), error, critical, in any case")
+
+
+LogLevel = Annotated[
+    Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], BeforeValidator(_log_level)
+]
+"""``LOG_LEVEL``: ``debug``, ``info``, ``warn``, ``error`` as in the seed guide, also
+``warning`` and ``critical``, in any case; kept as the :mod:`logging` level's name
+(``warn`` becomes ``WARNING``), which ``logging`` and uvicorn both take."""
 
 
 class StreamSpaceSettings(BaseSettings):
@@ -146,7 +171,7 @@ class AgentSettings(StreamSpaceSettings):
     """Address the health endpoints listen on. All interfaces by default, because the
     kubelet probes the pod's IP; ``127.0.0.1`` keeps them private on a shared host."""
 
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_level: LogLevel = "INFO"
     """Logging level of ``streamspace-agent run`` (as the control plane's ``LOG_LEVEL``)."""
 
     enable_ha: bool = False
