@@ -41,7 +41,7 @@ class TestMemoryLease(LeaseConformance):
 class TestMemoryPlatform(PlatformConformance):
     @pytest_asyncio.fixture
     async def platform_factory(self) -> AsyncIterator[PlatformFactory]:  # type: ignore[override]
-        state = MemoryPlatformState()
+        state = MemoryPlatformState(screen=(64, 48))
 
         def make() -> Platform:
             return MemoryPlatform(agent_id="conformance", state=state)

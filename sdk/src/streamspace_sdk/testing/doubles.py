@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import struct
 from collections import deque
 from typing import ClassVar
 
@@ -31,10 +33,18 @@ RFB_BANNER = b"RFB 003.008\n"
 
 
 class MemoryPlatformState:
-    """What a :class:`MemoryPlatform` "runs", shared by re-created objects like a real host."""
+    """What a :class:`MemoryPlatform` "runs", shared by re-created objects like a real host.
 
-    def __init__(self, max_sessions: int = 10) -> None:
+    Args:
+        max_sessions: How many sessions may run at once.
+        screen: The (width, height) of a screen that the sessions' VNC server serves to RFB
+            viewers (security type None, Raw: left half grey, right half white). Without
+            one, the server sends the RFB banner and hangs up.
+    """
+
+    def __init__(self, max_sessions: int = 10, *, screen: tuple[int, int] | None = None) -> None:
         self.max_sessions = max_sessions
+        self.screen = screen
         self.sessions: dict[str, SessionStatus] = {}
         self.homes: dict[str, dict[str, str]] = {}
         """Per-user files that outlive sessions (a stand-in for a persistent home)."""
@@ -45,9 +55,10 @@ class MemoryPlatformState:
         self._server: asyncio.Server | None = None
 
     async def vnc_port(self) -> int:
-        """Return the port of a tiny server that greets like an RFB 3.8 server."""
+        """Return the port of a tiny RFB 3.8 server (see ``screen``)."""
         if self._server is None:
-            self._server = await asyncio.start_server(_greet, "127.0.0.1", 0)
+            serve = _greet if self.screen is None else functools.partial(_serve, self.screen)
+            self._server = await asyncio.start_server(serve, "127.0.0.1", 0)
         return int(self._server.sockets[0].getsockname()[1])
 
     async def close(self) -> None:
@@ -65,11 +76,62 @@ async def _greet(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
     writer.close()
 
 
+_RGB0 = struct.pack(">BBBBHHHBBB3x", 32, 24, 0, 1, 255, 255, 255, 0, 8, 16)
+"""The pixel format served: 32 bits, the bytes R, G, B, 0 (what viewers such as noVNC ask)."""
+
+
+async def _serve(
+    screen: tuple[int, int], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """Serve ``screen`` to one viewer: the handshake with security type None, then a Raw
+    rectangle for each FramebufferUpdateRequest; other client messages are read and ignored
+    (a SetPixelFormat too: pixels always come as :data:`_RGB0`)."""
+    width, height = screen
+    row = b"\x80\x80\x80\0" * (width // 2) + b"\xff\xff\xff\0" * (width - width // 2)
+    skip = {4: 7, 5: 5}  # KeyEvent, PointerEvent: their sizes after the type
+    try:
+        writer.write(RFB_BANNER)
+        await reader.readexactly(12)
+        writer.write(b"\x01\x01")  # one security type: None
+        await reader.readexactly(1)
+        writer.write(b"\0\0\0\0")  # SecurityResult: OK
+        await reader.readexactly(1)  # ClientInit
+        name = b"memory"
+        writer.write(struct.pack(">HH", width, height) + _RGB0 + struct.pack(">I", len(name)))
+        writer.write(name)
+        while True:
+            (kind,) = await reader.readexactly(1)
+            if kind == 0:  # SetPixelFormat
+                await reader.readexactly(19)
+            elif kind == 2:  # SetEncodings
+                (count,) = struct.unpack(">xH", await reader.readexactly(3))
+                await reader.readexactly(4 * count)
+            elif kind == 3:  # FramebufferUpdateRequest
+                _, x, y, w, h = struct.unpack(">BHHHH", await reader.readexactly(9))
+                x, y = min(x, width), min(y, height)
+                w, h = min(w, width - x), min(h, height - y)
+                pixels = row[4 * x : 4 * (x + w)] * h
+                writer.write(struct.pack(">BxHHHHHi", 0, 1, x, y, w, h, 0) + pixels)
+            elif kind == 6:  # ClientCutText
+                (length,) = struct.unpack(">3xI", await reader.readexactly(7))
+                await reader.readexactly(length)
+            elif kind in skip:
+                await reader.readexactly(skip[kind])
+            else:
+                break
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
 class MemoryPlatform(Platform):
     """A platform that runs nothing: sessions are records in a :class:`MemoryPlatformState`.
 
     For testing agents and control planes without a real platform. Each session's VNC
-    endpoint is a local server that sends the RFB banner and closes.
+    endpoint is a local server that sends the RFB banner and closes, or serves a screen
+    (``MemoryPlatformState(screen=...)``).
     """
 
     name = "memory"

@@ -23,6 +23,7 @@ from streamspace_sdk.platform import (
     SessionStatus,
 )
 from streamspace_sdk.testing.base import BaseConformance
+from streamspace_sdk.testing.rfb import read_screen_tcp
 
 __all__ = ["HomeProbe", "PlatformConformance", "PlatformFactory", "SpecFactory"]
 
@@ -257,6 +258,26 @@ class PlatformConformance(BaseConformance):
             await writer.wait_closed()
         assert banner.startswith(b"RFB "), banner
         assert banner.endswith(b"\n"), banner
+
+    @pytest.mark.asyncio
+    async def test_vnc_endpoint_serves_the_screen(
+        self, platform: Platform, session_spec_factory: SpecFactory, new_id: Callable[[], str]
+    ) -> None:
+        """Contract: a viewer offering security type None reads the whole screen from a
+        running session's VNC endpoint (pixels in the format it asks for, Raw encoding).
+
+        Troubleshooting: the control plane authenticates viewers itself and relays their
+        bytes unchanged, so the VNC server must offer security type None (Xvnc:
+        ``-SecurityTypes None``; QEMU: ``-vnc`` without ``password``) and Raw encoding.
+        """
+        sid = new_id()
+        await platform.start(session_spec_factory(sid, 1))
+        await self.wait_state(platform, sid, {"running"})
+        endpoint = await platform.vnc_endpoint(sid)
+        screen = await read_screen_tcp(endpoint.host, endpoint.port, timeout_s=self.start_timeout_s)
+        assert screen.width > 0
+        assert screen.height > 0
+        assert len(screen.pixels) == 4 * screen.width * screen.height
 
     @pytest.mark.asyncio
     async def test_capacity_is_reported(self, platform: Platform) -> None:
