@@ -27,8 +27,10 @@ from streamspace_sdk import (
     Agent,
     AgentSettings,
     ConfigError,
+    DriverNotFound,
     PlatformError,
     SessionVetoed,
+    drivers,
     hookimpl,
 )
 from streamspace_sdk.agent import AGENT_PATH, Backoff, agent_url
@@ -961,7 +963,129 @@ async def test_losing_the_lease_closes_the_socket_and_sessions_keep_running() ->
     assert second.hello.fencing_epoch > first.hello.fencing_epoch
 
 
+HA_TIMINGS = {k: v for k, v in HA.items() if k != "ha_backend"}
+
+
+def leases_installed(monkeypatch: pytest.MonkeyPatch, *installed: type) -> list[str]:
+    """Make the ``streamspace.leases`` group hold only ``installed``; return the names asked for.
+
+    Whatever lease plugins this environment has, the agent then finds exactly these.
+    """
+    asked: list[str] = []
+    real = drivers.load_driver
+
+    def load_driver(group: str, name: str, /, *args: Any, **kwargs: Any) -> Any:
+        if group == drivers.LEASES:
+            asked.append(name)
+            kwargs["extensions"] = list(installed)
+        return real(group, name, *args, **kwargs)
+
+    monkeypatch.setattr(drivers, "load_driver", load_driver)
+    return asked
+
+
+class FileLease(MemoryLease):
+    """Stands in for streamspace-lease-file's ``file`` driver."""
+
+    name = "file"
+
+
+class KubernetesLease(MemoryLease):
+    """Stands in for streamspace-k8s's ``kubernetes`` lease."""
+
+    name = "kubernetes"
+
+
+@pytest.mark.parametrize(
+    ("platform", "backend", "lease_class"),
+    [("process", "file", FileLease), ("kubernetes", "kubernetes", KubernetesLease)],
+)
+def test_ha_backend_unset_takes_the_default_and_logs_it(
+    monkeypatch: pytest.MonkeyPatch,
+    logs: pytest.LogCaptureFixture,
+    platform: str,
+    backend: str,
+    lease_class: type[MemoryLease],
+) -> None:
+    """ENABLE_HA=true alone (as the seed's Kubernetes manifest) loads the default lease:
+    ``kubernetes`` with PLATFORM=kubernetes, else ``file``, and the log says it was the
+    default."""
+    asked = leases_installed(monkeypatch, FileLease, KubernetesLease)
+    settings = AgentSettings(
+        agent_id="agent-1", control_plane_url="ws://cp", platform=platform, **HA_TIMINGS
+    )
+    agent = Agent(settings, MemoryPlatform(agent_id="agent-1"), hooks=no_plugins())
+    assert asked == [backend]
+    assert type(agent.lease) is lease_class
+    assert agent.elector is not None
+    said = [m for m in messages(logs) if "lease backend" in m]
+    assert said == [
+        f"High availability: lease backend {backend}, the default with PLATFORM={platform} "
+        "(set HA_BACKEND to choose another)"
+    ]
+
+
+def test_ha_backend_set_is_logged_as_set(
+    monkeypatch: pytest.MonkeyPatch, logs: pytest.LogCaptureFixture
+) -> None:
+    asked = leases_installed(monkeypatch, MemoryLease, FileLease)
+    settings = AgentSettings(
+        agent_id="agent-1", control_plane_url="ws://cp", platform="kubernetes", **HA
+    )
+    agent = Agent(settings, MemoryPlatform(agent_id="agent-1"), hooks=no_plugins())
+    assert asked == ["memory"]
+    assert type(agent.lease) is MemoryLease
+    assert [m for m in messages(logs) if "lease backend" in m] == [
+        "High availability: lease backend memory (HA_BACKEND)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("platform", "backend", "package"),
+    [
+        ("process", "file", "streamspace-lease-file"),
+        ("kubernetes", "kubernetes", "streamspace-k8s"),
+    ],
+)
+def test_default_ha_backend_not_installed_names_the_package(
+    monkeypatch: pytest.MonkeyPatch, platform: str, backend: str, package: str
+) -> None:
+    """A default lease driver that is not installed fails saying it was HA_BACKEND's
+    default and which package to pip install."""
+    leases_installed(monkeypatch, MemoryLease)
+    settings = AgentSettings(
+        agent_id="agent-1", control_plane_url="ws://cp", platform=platform, **HA_TIMINGS
+    )
+    with pytest.raises(DriverNotFound) as caught:
+        Agent(settings, MemoryPlatform(agent_id="agent-1"), hooks=no_plugins())
+    message = str(caught.value)
+    assert f"no 'streamspace.leases' driver named {backend!r} is installed" in message
+    assert f"HA_BACKEND is unset, and {backend} is its default with PLATFORM={platform}" in (
+        message
+    )
+    assert f"pip install {package}" in message
+    assert "installed: memory" in message
+
+
 # -- command line -------------------------------------------------------------------------------
+
+
+def test_cli_run_with_ha_and_no_lease_plugin_exits_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Any
+) -> None:
+    """``ENABLE_HA=true`` without HA_BACKEND or the file lease installed: exit 2, naming
+    HA_BACKEND and the package to install."""
+    leases_installed(monkeypatch, MemoryLease)
+    monkeypatch.setenv("AGENT_ID", "agent-1")
+    monkeypatch.setenv("CONTROL_PLANE_URL", "ws://127.0.0.1:9")
+    monkeypatch.setenv("ENABLE_HA", "true")
+    monkeypatch.setenv("PROCESS_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("STREAMSPACE_LOAD_PLUGINS", "")
+    assert main(["run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no 'streamspace.leases' driver named 'file' is installed")
+    assert "HA_BACKEND is unset" in err
+    assert "pip install streamspace-lease-file" in err
 
 
 def test_cli_run_with_a_bad_variable_exits_2(

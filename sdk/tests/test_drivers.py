@@ -6,6 +6,7 @@ import importlib
 import json
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from textwrap import dedent
@@ -20,6 +21,9 @@ from streamspace_sdk.leases import MemoryLease, NoLease
 from streamspace_sdk.platform import Platform
 from streamspace_sdk.testing import MemoryPlatform
 from streamspace_sdk.transport import Transport
+
+REPO = Path(__file__).resolve().parents[2]
+"""The monorepo, whose ``plugins/`` hold the packages :data:`drivers.KNOWN_PACKAGES` names."""
 
 FANCY = """
 from streamspace_sdk.testing import MemoryPlatform
@@ -100,6 +104,48 @@ def test_missing_driver_names_group_name_and_installed():
     assert "'zookeeper'" in message
     assert "memory, none" in message
     assert caught.value.installed == ["memory", "none"]
+
+
+@pytest.mark.parametrize(
+    ("group", "name", "package"),
+    [
+        (drivers.LEASES, "file", "streamspace-lease-file"),
+        (drivers.LEASES, "kubernetes", "streamspace-k8s"),
+        (drivers.PLATFORMS, "docker", "streamspace-docker"),
+    ],
+)
+def test_missing_driver_of_ours_names_the_package_to_install(
+    group: str, name: str, package: str
+) -> None:
+    """A driver one of our packages provides, when missing, says what to pip install."""
+    with pytest.raises(DriverNotFound) as caught:
+        drivers.load_driver(group, name, extensions=[MemoryLease])
+    assert f"pip install {package}" in str(caught.value)
+    assert caught.value.package == package
+    assert f"{name!r}" in str(caught.value)
+
+
+def test_missing_unknown_driver_names_no_package() -> None:
+    with pytest.raises(DriverNotFound) as caught:
+        drivers.load_driver(drivers.LEASES, "zookeeper")
+    assert "pip install" not in str(caught.value)
+    assert caught.value.package is None
+
+
+def test_known_packages_match_the_plugins_entry_points() -> None:
+    """KNOWN_PACKAGES names, for each driver our plugin packages register, the package that
+    registers it: a driver renamed, moved or added in a plugins/*/pyproject.toml fails here."""
+    if not REPO.joinpath("plugins").is_dir():
+        pytest.skip("needs the monorepo's plugins/ (the sdk is tested outside it)")
+    registered: dict[tuple[str, str], str] = {}
+    for pyproject in sorted(REPO.joinpath("plugins").glob("*/pyproject.toml")):
+        project = tomllib.loads(pyproject.read_text())["project"]
+        for group, entries in project.get("entry-points", {}).items():
+            if group in drivers.DRIVER_GROUPS:
+                for name in entries:
+                    registered[(group, name)] = project["name"]
+    assert registered, "no plugin registers a driver: is REPO right?"
+    assert registered == drivers.KNOWN_PACKAGES
 
 
 def test_missing_driver_in_empty_group_says_none():

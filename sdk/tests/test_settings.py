@@ -391,15 +391,34 @@ def test_agent_settings_are_frozen(agent_env: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("backend", [None, ""])
-def test_ha_without_backend(agent_env: pytest.MonkeyPatch, backend: str | None) -> None:
-    """ENABLE_HA=true with no HA_BACKEND loads, but choosing the lease driver names HA_BACKEND."""
+@pytest.mark.parametrize(
+    ("platform", "default"),
+    [(None, "file"), ("docker", "file"), ("process", "file"), ("kubernetes", "kubernetes")],
+)
+def test_ha_without_backend_takes_the_seeds_default(
+    agent_env: pytest.MonkeyPatch, backend: str | None, platform: str | None, default: str
+) -> None:
+    """ENABLE_HA=true with HA_BACKEND unset (or empty) uses the seed's default: the
+    Kubernetes Lease with PLATFORM=kubernetes (its manifest sets ENABLE_HA alone), else
+    ``file`` (its Docker agent table)."""
     agent_env.setenv("ENABLE_HA", "true")
     if backend is not None:
         agent_env.setenv("HA_BACKEND", backend)
+    if platform is not None:
+        agent_env.setenv("PLATFORM", platform)
     s = load_settings(AgentSettings)
     assert s.enable_ha is True
-    with pytest.raises(ConfigError, match="HA_BACKEND"):
-        s.lease_driver()
+    assert s.ha_backend is None
+    assert s.default_ha_backend == default
+    assert s.lease_driver() == default
+
+
+def test_ha_backend_wins_over_the_default(agent_env: pytest.MonkeyPatch) -> None:
+    """A HA_BACKEND that is set is used whatever the platform."""
+    agent_env.setenv("ENABLE_HA", "true")
+    agent_env.setenv("PLATFORM", "kubernetes")
+    agent_env.setenv("HA_BACKEND", "redis")
+    assert load_settings(AgentSettings).lease_driver() == "redis"
 
 
 def test_ha_with_backend(agent_env: pytest.MonkeyPatch) -> None:

@@ -26,6 +26,7 @@ __all__ = [
     "DRIVER_GROUPS",
     "HOOKS",
     "HUBS",
+    "KNOWN_PACKAGES",
     "LEASES",
     "PLATFORMS",
     "STORES",
@@ -53,6 +54,17 @@ DRIVER_GROUPS: dict[str, type | None] = {
     HUBS: None,
 }
 """Driver groups and the ABC each driver must subclass (``None``: checked by the caller)."""
+
+KNOWN_PACKAGES: dict[tuple[str, str], str] = {
+    (PLATFORMS, "docker"): "streamspace-docker",
+    (PLATFORMS, "kubernetes"): "streamspace-k8s",
+    (LEASES, "file"): "streamspace-lease-file",
+    (LEASES, "redis"): "streamspace-lease-redis",
+    (LEASES, "swarm"): "streamspace-lease-swarm",
+    (LEASES, "kubernetes"): "streamspace-k8s",
+}
+"""The package that provides each of our drivers not in the SDK, by (group, name): what
+:class:`~streamspace_sdk.errors.DriverNotFound` tells the user to install."""
 
 T = TypeVar("T")
 
@@ -102,7 +114,8 @@ def load_driver_class(
             (each matched by its ``name`` attribute); for tests.
 
     Raises:
-        DriverNotFound: nothing of that name; names the group and what is installed.
+        DriverNotFound: nothing of that name; names the group, what is installed and, for
+            one of our drivers, the package to install (:data:`KNOWN_PACKAGES`).
         DriverLoadError: it is installed but fails to import, or is not a subclass of ``base``.
     """
     expected = base if base is not None else DRIVER_GROUPS.get(group)
@@ -126,7 +139,9 @@ def load_driver_class(
             if extensions is not None
             else entry_point_names(group)
         )
-        raise DriverNotFound(group, name, installed) from None
+        raise DriverNotFound(
+            group, name, installed, package=KNOWN_PACKAGES.get((group, name))
+        ) from None
     except MultipleMatches:
         sources = [
             f"{_dist_name(ep)} ({ep.value})" for ep in md.entry_points(group=group, name=name)

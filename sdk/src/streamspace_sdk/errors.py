@@ -47,14 +47,33 @@ class DriverError(StreamSpaceError):
 
 
 class DriverNotFound(DriverError, LookupError):
-    """No driver of that name is installed in the group."""
+    """No driver of that name is installed in the group.
 
-    def __init__(self, group: str, name: str, installed: list[str]) -> None:
+    ``package`` is the distribution that provides it, when it is one of ours; the message
+    then says what to ``pip install``. ``reason`` says why this name was asked for when the
+    user did not write it (a default).
+    """
+
+    def __init__(
+        self,
+        group: str,
+        name: str,
+        installed: list[str],
+        *,
+        package: str | None = None,
+        reason: str | None = None,
+    ) -> None:
         names = ", ".join(sorted(installed)) or "none"
-        super().__init__(f"no {group!r} driver named {name!r} is installed; installed: {names}")
+        why = f" ({reason})" if reason else ""
+        message = f"no {group!r} driver named {name!r} is installed{why}; installed: {names}"
+        if package:
+            message += f"; pip install {package} to add it"
+        super().__init__(message)
         self.group = group
         self.name = name
         self.installed = sorted(installed)
+        self.package = package
+        self.reason = reason
 
 
 class DriverLoadError(DriverError):

@@ -179,7 +179,8 @@ class AgentSettings(StreamSpaceSettings):
 
     ha_backend: str | None = None
     """Lease driver in ``streamspace.leases`` (``file``, ``redis``, ``swarm``,
-    ``kubernetes``, ``memory``); defaults to ``none`` when HA is off."""
+    ``kubernetes``, ``memory``). Unset, it is the seed guide's default: ``kubernetes`` (a
+    Lease) with ``PLATFORM=kubernetes``, else ``file``; ``none`` when HA is off."""
 
     lease_duration: Duration = 15.0
     """Seconds a lease stays valid without renewal (client-go's LeaseDuration)."""
@@ -218,13 +219,19 @@ class AgentSettings(StreamSpaceSettings):
             raise ValueError(f"{value!r} is not a ws://, wss://, http:// or https:// URL")
         return f"{mapping[scheme.lower()]}://{rest}"
 
+    @property
+    def default_ha_backend(self) -> str:
+        """The lease driver used when ``HA_BACKEND`` is unset: ``kubernetes`` with
+        ``PLATFORM=kubernetes`` (the seed's Kubernetes agent sets ``ENABLE_HA`` alone), else
+        ``file`` (the seed's Docker agent default)."""
+        return "kubernetes" if self.platform == "kubernetes" else "file"
+
     def lease_driver(self) -> str:
-        """Return the lease driver to load: ``HA_BACKEND``, or ``none`` when HA is off."""
+        """Return the lease driver to load: ``HA_BACKEND`` (or :attr:`default_ha_backend`
+        when it is unset), or ``none`` when HA is off."""
         if not self.enable_ha:
             return "none"
-        if not self.ha_backend:
-            raise ConfigError("HA_BACKEND: must name a lease driver when ENABLE_HA is true")
-        return self.ha_backend
+        return self.ha_backend or self.default_ha_backend
 
 
 S = TypeVar("S", bound=BaseSettings)

@@ -27,7 +27,7 @@ from streamspace_sdk.agent._status import StatusReporter
 from streamspace_sdk.agent._vnc import SocketLink, VncRelay
 from streamspace_sdk.clock import Clock
 from streamspace_sdk.elector import LeaderElector
-from streamspace_sdk.errors import ConfigError, LeaseLost, ProtocolError
+from streamspace_sdk.errors import ConfigError, DriverNotFound, LeaseLost, ProtocolError
 from streamspace_sdk.hooks import Hooks, make_plugin_manager
 from streamspace_sdk.lease import Lease, LeaseRecord
 from streamspace_sdk.platform import Capacity, Platform, Usage
@@ -131,7 +131,8 @@ class Agent:
         platform: what runs sessions; by default the ``PLATFORM`` driver from the
             ``streamspace.platforms`` entry points, built for ``AGENT_ID``.
         lease: the leader lease replicas contend for; by default the ``HA_BACKEND`` driver
-            when ``ENABLE_HA`` is true. Passing one turns leader election on.
+            (see :meth:`AgentSettings.lease_driver`) when ``ENABLE_HA`` is true. Passing one
+            turns leader election on.
         hooks: hook plugins; by default every plugin installed in the ``streamspace`` group
             (as ``STREAMSPACE_LOAD_PLUGINS`` allows).
         clock: times the leader election and the lease a default ``lease`` is built with (a
@@ -139,8 +140,10 @@ class Agent:
         backoff: the waits between connection attempts; tests pass short ones.
 
     Raises:
-        ConfigError: ``ENABLE_HA`` without ``HA_BACKEND``, or lease timings that cannot work.
-        DriverNotFound: ``PLATFORM`` or ``HA_BACKEND`` names a driver that is not installed.
+        ConfigError: lease timings that cannot work.
+        DriverNotFound: ``PLATFORM`` or ``HA_BACKEND`` (or, unset, its default: ``kubernetes``
+            with ``PLATFORM=kubernetes``, else ``file``) names a driver that is not installed;
+            the message names the package to install.
         DriverLoadError: the driver is installed but fails to load.
     """
 
@@ -181,9 +184,7 @@ class Agent:
         )
         self.hooks = hooks if hooks is not None else Hooks(make_plugin_manager())
         if lease is None and settings.enable_ha:
-            lease = drivers.load_driver(
-                drivers.LEASES, settings.lease_driver(), base=Lease, clock=clock
-            )
+            lease = self._load_lease(clock)
         self.lease = lease
         self._clock = clock
         self._elector = self._new_elector() if lease is not None else None
@@ -217,6 +218,27 @@ class Agent:
             send=self._send,
             observe=self._reporter.observe,
         )
+
+    def _load_lease(self, clock: Clock | None) -> Lease:
+        """Load the ``HA_BACKEND`` lease, saying which it is and whether it was the default."""
+        backend = self.settings.lease_driver()
+        if self.settings.ha_backend:
+            logger.info("High availability: lease backend %s (HA_BACKEND)", backend)
+            return drivers.load_driver(drivers.LEASES, backend, base=Lease, clock=clock)
+        platform = self.settings.platform
+        reason = f"HA_BACKEND is unset, and {backend} is its default with PLATFORM={platform}"
+        logger.info(
+            "High availability: lease backend %s, the default with PLATFORM=%s "
+            "(set HA_BACKEND to choose another)",
+            backend,
+            platform,
+        )
+        try:
+            return drivers.load_driver(drivers.LEASES, backend, base=Lease, clock=clock)
+        except DriverNotFound as exc:
+            raise DriverNotFound(
+                exc.group, exc.name, exc.installed, package=exc.package, reason=reason
+            ) from None
 
     # -- state -------------------------------------------------------------------------------
 
