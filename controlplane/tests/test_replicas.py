@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 import pytest_asyncio
 from agentsim import Harness, Refused, bind, eventually, fast_settings, serve_control_plane
 from pydantic import SecretStr
+from test_vnc import VNC_LOG, vnc_lines
 from test_vnc import _closed_within as closed_within
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
@@ -208,8 +210,9 @@ async def vnc_screen(viewer_on: Replica, token_from: Replica, session_id: str) -
 @pytest.mark.parametrize("transport", ["ws-mux", "ws-dedicated"])
 @pytest.mark.asyncio
 async def test_rest_on_a_runs_on_c_and_a_viewer_on_b_sees_the_desktop(
-    cluster: Cluster, tmp_path: Path, transport: str
+    cluster: Cluster, tmp_path: Path, transport: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger=VNC_LOG)
     a, b, c = (cluster.replicas[n] for n in "abc")
     created = await a.http.post(
         "/api/v1/templates",
@@ -239,6 +242,17 @@ async def test_rest_on_a_runs_on_c_and_a_viewer_on_b_sees_the_desktop(
         width, height = await vnc_screen(b, a, session_id)
         assert width > 0
         assert height > 0
+        # B says which replica holds the agent; C serves the viewer as its own.
+        c_url = f"http://127.0.0.1:{c.port}"
+        assert sorted(vnc_lines(caplog, "established")) == sorted(
+            [
+                f"INFO: VNC proxy connection established for session {session_id} "
+                f"(vnc_proxy: relayed to replica c at {c_url}, which holds agent {AGENT_ID})",
+                f"INFO: VNC proxy connection established for session {session_id} "
+                f"(vnc_proxy: agent {AGENT_ID}, transport {transport}, "
+                "for a viewer relayed from another replica)",
+            ]
+        )
         assert (
             b.sample("streamspace_vnc_bytes_total", session_id=session_id, direction="to_viewer")
             == 0

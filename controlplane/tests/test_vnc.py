@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import re
 import shutil
 import time
 from collections.abc import AsyncIterator
@@ -249,6 +251,66 @@ async def test_rfb_through_the_proxy_equals_a_direct_connection(env: Env) -> Non
     assert env.sample("streamspace_vnc_bytes_total", session_id=sid, direction="to_session") > 0
     assert env.sample("streamspace_vnc_stream_open_seconds_count") == 1
     assert env.agent.vnc_streams_requested == 1
+
+
+VNC_LOG = "streamspace.controlplane.vnc"
+"""The viewer route's logger."""
+CLI_FORMAT = logging.Formatter("%(levelname)s: %(message)s")
+"""How ``streamspace-controlplane serve`` formats log lines."""
+
+
+def vnc_lines(caplog: pytest.LogCaptureFixture, marker: str) -> list[str]:
+    """The proxy's log lines containing ``marker``, formatted as the control plane prints."""
+    return [
+        CLI_FORMAT.format(r)
+        for r in caplog.records
+        if r.name == VNC_LOG and marker in r.getMessage()
+    ]
+
+
+@pytest.mark.asyncio
+async def test_the_proxy_logs_each_viewer_at_info_as_the_seed_guide_greps_for(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Once the agent's stream is open, ``INFO: VNC proxy connection established for session
+    <id>`` (matched by ``grep vnc`` and ``grep vnc_proxy``), naming the agent and transport;
+    on close, a line with the duration and the bytes each way, which match the byte
+    counters. Neither names the token."""
+    caplog.set_level(logging.INFO, logger=VNC_LOG)
+    sid = env.session_id
+    transport = env.agent.settings.vnc_transport
+    token = await env.token()
+    async with env.viewer(token) as ws:
+        banner, _ = await rfb_handshake(RfbStream.websocket(ws))
+        assert banner == RFB_VERSION
+        assert vnc_lines(caplog, "established") == [
+            f"INFO: VNC proxy connection established for session {sid} "
+            f"(vnc_proxy: agent {AGENT_ID}, transport {transport})"
+        ]
+        assert vnc_lines(caplog, "closed") == []
+
+    async def closed() -> bool:
+        return bool(vnc_lines(caplog, "closed"))
+
+    await eventually(closed, timeout_s=5)
+    [line] = vnc_lines(caplog, "closed")
+    match = re.fullmatch(
+        rf"INFO: VNC proxy connection closed for session {sid} after (\d+\.\d)s "
+        r"\(vnc_proxy: (\d+) bytes to the session, (\d+) to the viewer; close 1000\)",
+        line,
+    )
+    assert match, line
+    to_session, to_viewer = int(match[2]), int(match[3])
+    assert to_session == env.sample(
+        "streamspace_vnc_bytes_total", session_id=sid, direction="to_session"
+    )
+    assert to_viewer == env.sample(
+        "streamspace_vnc_bytes_total", session_id=sid, direction="to_viewer"
+    )
+    assert to_session >= len(RFB_VERSION)
+    assert to_viewer >= len(RFB_VERSION)
+    assert "vnc" in line
+    assert token not in caplog.text
 
 
 async def _refused(

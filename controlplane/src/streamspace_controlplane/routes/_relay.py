@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
@@ -29,6 +30,7 @@ __all__ = [
     "CLOSE_UNSUPPORTED",
     "ReplicaRefused",
     "ReplicaStream",
+    "Traffic",
     "close_websocket",
     "dial_replica",
     "relay",
@@ -45,6 +47,16 @@ CLOSE_IDLE = 4408
 _QUEUE_MESSAGES = 16
 """Messages a replica's end of an internal socket queues before it stops reading: with the
 frame size cap, at most 4 MiB held for a stalled viewer."""
+
+
+@dataclass
+class Traffic:
+    """The bytes one relay moved, for its closing log line."""
+
+    to_stream: int = 0
+    """Bytes from the WebSocket to the stream (viewer to session)."""
+    to_websocket: int = 0
+    """Bytes from the stream to the WebSocket (session to viewer)."""
 
 
 class ReplicaRefused(Exception):
@@ -125,11 +137,14 @@ async def relay(
     to_stream: Counter | None = None,
     to_websocket: Counter | None = None,
     revoked: tuple[asyncio.Event, Callable[[], tuple[int, str]]] | None = None,
+    traffic: Traffic | None = None,
 ) -> tuple[int, str]:
     """Pump bytes both ways until one side ends or both idle ``idle_timeout_s``; return
-    the close code and reason for ``websocket``. ``to_*`` count the bytes moved; when the
-    event of ``revoked`` is set, the relay ends with the close its function returns."""
+    the close code and reason for ``websocket``. ``to_*`` and ``traffic`` count the bytes
+    moved; when the event of ``revoked`` is set, the relay ends with the close its function
+    returns."""
     loop = asyncio.get_running_loop()
+    moved = traffic if traffic is not None else Traffic()
     last = loop.time()  # of the latest byte either way; the watchdog reads it
 
     async def from_websocket() -> tuple[int, str]:
@@ -146,6 +161,7 @@ async def relay(
                 await stream.write(data)
             except ConnectionError:
                 return CLOSE_NORMAL, _why(stream)
+            moved.to_stream += len(data)
             if to_stream is not None:
                 to_stream.inc(len(data))
 
@@ -157,6 +173,7 @@ async def relay(
                 await websocket.send_bytes(chunk)
             except (WebSocketDisconnect, WebSocketDisconnected, OSError, RuntimeError):
                 return CLOSE_NORMAL, ""
+            moved.to_websocket += len(chunk)
             if to_websocket is not None:
                 to_websocket.inc(len(chunk))
         return CLOSE_NORMAL, _why(stream)
@@ -206,17 +223,22 @@ async def relay_to_replica(
     idle_timeout_s: float,
     gauge: Gauge,
     subprotocol: str | None = None,
-) -> None:
+    traffic: Traffic | None = None,
+) -> tuple[int, str]:
     """Accept ``websocket`` and pump it to the other replica until either side ends; the
-    socket is counted in ``gauge`` meanwhile."""
+    socket is counted in ``gauge`` meanwhile, its bytes in ``traffic``. Return the close
+    code and reason it got."""
     await websocket.accept(subprotocol=subprotocol)
     gauge.inc()
     try:
-        code, reason = await relay(websocket, stream, idle_timeout_s=idle_timeout_s)
+        code, reason = await relay(
+            websocket, stream, idle_timeout_s=idle_timeout_s, traffic=traffic
+        )
     finally:
         gauge.dec()
         await stream.close()
     await close_websocket(websocket, code, reason)
+    return code, reason
 
 
 def _why(stream: ByteStream) -> str:

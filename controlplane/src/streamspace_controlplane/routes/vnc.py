@@ -16,6 +16,14 @@ replica asks the hub which one does and opens an internal WebSocket to it,
 ``/internal/v1/vnc/{session_id}``, presenting a single-use relay ticket instead of the
 viewer's token (used up here); the holder serves it as it would a viewer, and the first
 replica pumps the bytes between the two sockets, undecoded.
+
+Each viewer served logs two INFO lines (logger ``streamspace.controlplane.vnc``), for
+``kubectl logs -l component=control-plane | grep vnc`` (or ``grep vnc_proxy``), as the seed
+guide has operators run: ``VNC proxy connection established for session <id> (vnc_proxy:
+...)`` once the stream to the agent is open, saying the agent and transport (or, on a
+replica that relays the viewer, which replica holds the agent), and ``VNC proxy connection
+closed for session <id> after <s>s (vnc_proxy: <n> bytes to the session, <n> to the viewer;
+close <code> ...)``. Neither names the viewer's token nor a ticket.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from streamspace_controlplane.openapi import Operation
 from streamspace_controlplane.routes._relay import (
     CLOSE_UNAVAILABLE,
     ReplicaRefused,
+    Traffic,
     close_websocket,
     dial_replica,
     relay,
@@ -51,6 +60,7 @@ from streamspace_controlplane.schemas import VncTokenOut
 from streamspace_controlplane.services import tunnels as tunnel_service
 from streamspace_controlplane.services import vnc as vnc_service
 from streamspace_sdk.errors import StreamRefused
+from streamspace_sdk.redact import redact_url
 from streamspace_sdk.transport import ByteStream
 from streamspace_sdk.transports.mux import MuxTransport
 
@@ -165,7 +175,7 @@ async def _serve(
             await _refuse(websocket, ApiError(503, "unavailable", str(exc)))
             return
         if replica is not None and replica.pod != cp.hub.pod:
-            await _forward(cp, websocket, session, username, replica.url)
+            await _forward(cp, websocket, session, username, replica.pod, replica.url)
             return
     if not isinstance(conn, AgentSocket):
         await _refuse(
@@ -199,11 +209,21 @@ async def _serve(
         logger.warning("VNC stream to session %s refused: %s", session.id, exc.reason)
         await close_websocket(websocket, CLOSE_UNAVAILABLE, exc.reason)
         return
-    metrics.vnc_stream_open.observe(loop.time() - started)
+    opened = loop.time()
+    metrics.vnc_stream_open.observe(opened - started)
+    logger.info(
+        "VNC proxy connection established for session %s (vnc_proxy: agent %s, transport %s%s)",
+        session.id,
+        session.agent_id,
+        transport,
+        ", for a viewer relayed from another replica" if relayed else "",
+    )
     viewers = metrics.vnc_viewers.labels(session.id)
     viewers.inc()
     live = tunnel_service.tunnels(cp)
     tunnel = live.open(session.id, username, session.agent_id or "")
+    traffic = Traffic()
+    code, reason = CLOSE_UNAVAILABLE, "the relay failed"
     try:
         code, reason = await relay(
             websocket,
@@ -212,18 +232,21 @@ async def _serve(
             to_stream=metrics.vnc_bytes.labels(session.id, "to_session"),
             to_websocket=metrics.vnc_bytes.labels(session.id, "to_viewer"),
             revoked=(tunnel.revoked, lambda: (tunnel_service.CLOSE_REVOKED, tunnel.reason)),
+            traffic=traffic,
         )
     finally:
         live.close(tunnel)
         viewers.dec()
         await stream.close()
+        _log_closed(session.id, loop.time() - opened, traffic, code, reason)
     await close_websocket(websocket, code, reason)
 
 
 async def _forward(
-    cp: ControlPlane, websocket: WebSocket, session: Session, username: str, url: str
+    cp: ControlPlane, websocket: WebSocket, session: Session, username: str, replica: str, url: str
 ) -> None:
-    """Relay the viewer to the replica at ``url``, which holds the session's agent."""
+    """Relay the viewer to the replica ``replica`` at ``url``, which holds the session's
+    agent."""
     try:
         ticket = await vnc_service.issue_relay_ticket(cp, session, username)
         stream = await dial_replica(
@@ -240,12 +263,44 @@ async def _forward(
         error = ERROR_CODES.get(status, "forbidden")
         await _refuse(websocket, ApiError(status, error, exc.message))
         return
-    await relay_to_replica(
-        websocket,
-        stream,
-        idle_timeout_s=cp.settings.vnc_proxy_timeout,
-        gauge=cp.metrics.websockets.labels("vnc-relay"),
-        subprotocol=_subprotocol(websocket),
+    logger.info(
+        "VNC proxy connection established for session %s "
+        "(vnc_proxy: relayed to replica %s at %s, which holds agent %s)",
+        session.id,
+        replica,
+        redact_url(url),
+        session.agent_id,
+    )
+    loop = asyncio.get_running_loop()
+    opened = loop.time()
+    traffic = Traffic()
+    code, reason = CLOSE_UNAVAILABLE, "the relay failed"
+    try:
+        code, reason = await relay_to_replica(
+            websocket,
+            stream,
+            idle_timeout_s=cp.settings.vnc_proxy_timeout,
+            gauge=cp.metrics.websockets.labels("vnc-relay"),
+            subprotocol=_subprotocol(websocket),
+            traffic=traffic,
+        )
+    finally:
+        _log_closed(session.id, loop.time() - opened, traffic, code, reason)
+
+
+def _log_closed(
+    session_id: str, duration_s: float, traffic: Traffic, code: int, reason: str
+) -> None:
+    """Log the closing line of one viewer's proxy connection."""
+    logger.info(
+        "VNC proxy connection closed for session %s after %.1fs "
+        "(vnc_proxy: %d bytes to the session, %d to the viewer; close %d%s)",
+        session_id,
+        duration_s,
+        traffic.to_stream,
+        traffic.to_websocket,
+        code,
+        f" {reason}" if reason else "",
     )
 
 
