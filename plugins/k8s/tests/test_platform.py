@@ -127,7 +127,9 @@ async def test_the_deployment_is_labelled_hardened_and_owns_its_service(
 ) -> None:
     p = platform(kubeconfig, vnc_access="service")
     session = sid()
-    status = await p.start(make_spec(session, user="alice@example.com"))
+    status = await p.start(
+        make_spec(session, user="alice@example.com", labels={"app": "firefox", "team": "a"})
+    )
     assert status.state == "running"
     assert status.vnc is not None
     assert status.vnc.host == f"{p.object_name(session)}.{NAMESPACE}.svc"
@@ -137,6 +139,21 @@ async def test_the_deployment_is_labelled_hardened_and_owns_its_service(
     assert labels["app.kubernetes.io/managed-by"] == "streamspace-agent"
     assert labels["streamspace.io/user"].startswith("alice-example.com-"), "made a valid label"
     assert dep["metadata"]["annotations"]["streamspace.io/user"] == "alice@example.com"
+    # The seed guide's `kubectl get pods -l app=session` and `-l session=<id>`: on the
+    # Deployment, its pods and the Service (winning over the template's `app`), never in a
+    # selector, which adoption of older Deployments relies on.
+    seed_labels = {"app": "session", "session": session}
+    assert labels["team"] == "a"
+    for obj in (dep["metadata"], dep["spec"]["template"]["metadata"]):
+        assert seed_labels.items() <= obj["labels"].items()
+    pods = [
+        pod
+        for pod in apiserver.list_objects("", "pods", NAMESPACE)
+        if seed_labels.items() <= (pod["metadata"].get("labels") or {}).items()
+    ]
+    assert len(pods) == 1, "one running pod matches -l app=session,session=<id>"
+    assert pods[0]["metadata"]["labels"]["streamspace.io/session-id"] == session
+    assert not seed_labels.keys() & dep["spec"]["selector"]["matchLabels"].keys()
     pod = dep["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["containers"][0]["readinessProbe"] == {
@@ -146,6 +163,8 @@ async def test_the_deployment_is_labelled_hardened_and_owns_its_service(
     }
     svc = apiserver.get("", "services", NAMESPACE, p.object_name(session))
     assert svc is not None
+    assert seed_labels.items() <= svc["metadata"]["labels"].items()
+    assert not seed_labels.keys() & svc["spec"]["selector"].keys()
     assert svc["metadata"]["ownerReferences"][0]["uid"] == dep["metadata"]["uid"]
     claims = [
         c

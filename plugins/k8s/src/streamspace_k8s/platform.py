@@ -47,7 +47,10 @@ __all__ = [
     "ANNOTATION_GENERATION",
     "ANNOTATION_SESSION_ID",
     "ANNOTATION_SPEC",
+    "APP_SESSION",
+    "LABEL_APP",
     "LABEL_HOME",
+    "LABEL_SESSION",
     "KubernetesOptions",
     "KubernetesPlatform",
     "label_value",
@@ -67,6 +70,16 @@ ANNOTATION_SPEC = "streamspace.io/spec"
 """The session's spec as JSON, so a new agent process can wake it."""
 LABEL_HOME = "streamspace.io/home"
 """Claim label: ``user`` (a user's persistent home) or ``session`` (removed with the session)."""
+LABEL_APP = "app"
+"""Label ``app=session`` on a session's Deployment, pod and Service, for the seed guide's
+``kubectl get pods -l app=session``. Not in any selector: selectors keep the
+``streamspace.io/*`` labels, so Deployments made before it are still adopted."""
+APP_SESSION = "session"
+"""The value of :data:`LABEL_APP`."""
+LABEL_SESSION = "session"
+"""Label ``session=<session id>`` (as :func:`label_value` makes it) on a session's
+Deployment, pod and Service, for the seed guide's ``kubectl get pods -l session=<id>``.
+Not in any selector, as :data:`LABEL_APP`."""
 
 
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
@@ -714,6 +727,9 @@ class KubernetesPlatform(Platform):
                 )
             else:
                 labels[key] = value
+        # The seed guide's short labels win over a template's, as the standard ones do.
+        labels[LABEL_APP] = APP_SESSION
+        labels[LABEL_SESSION] = label_value(spec.session_id)
         return labels
 
     def _selector(self, session_id: str | None = None) -> str:
