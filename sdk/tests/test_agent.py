@@ -20,8 +20,10 @@ import textwrap
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+from pydantic import SecretStr
 
 from streamspace_sdk import (
     Agent,
@@ -289,13 +291,41 @@ async def test_registers_with_the_platforms_sessions(logs: pytest.LogCaptureFixt
     }
     said = messages(logs)
     for phrase in (
-        "Agent registered successfully with Control Plane",
-        "WebSocket connection established",
-        "Agent ID: agent-1",
+        f"Registering agent with Control Plane at {agent.url} (agent agent-1)",
+        "Agent registered successfully: agent-1",
+        f"WebSocket connection established (connection {conn.conn_id})",
         "Heartbeat sent every 0.05 seconds",
     ):
-        assert any(phrase in m for m in said), phrase
+        assert phrase in said, phrase
+    registering = said.index(
+        "Registering agent with Control Plane at " + agent.url + " (agent agent-1)"
+    )
+    assert registering < said.index("Agent registered successfully: agent-1"), "dial, then welcome"
+    assert sum("agent-1" in m for m in said[registering + 1 :]) == 1, (
+        "the agent's id is told once on registering, not again in another wording"
+    )
+    assert not any(TOKEN in m for m in said)
     assert state.sessions.keys() == {"s1", "s2"}, "stopping the agent keeps sessions running"
+
+
+@pytest.mark.asyncio
+async def test_registering_line_hides_a_password_in_the_url(
+    logs: pytest.LogCaptureFixture,
+) -> None:
+    """A password in CONTROL_PLANE_URL's user part is not shown in the registering line."""
+    settings = AgentSettings(
+        agent_id="agent-1",
+        control_plane_url=f"ws://ops:s3cret-pw@127.0.0.1:{free_port()}",
+        agent_token=SecretStr(TOKEN),
+        health_port=0,
+    )
+    agent = Agent(settings, MemoryPlatform(agent_id="agent-1"), hooks=no_plugins(), backoff=FAST)
+    await agent._connect_once()  # nothing listens: one attempt, refused
+    registering = [m for m in messages(logs) if m.startswith("Registering agent")]
+    assert registering == [
+        f"Registering agent with Control Plane at ws://ops:***@127.0.0.1:"
+        f"{urlsplit(agent.url).port}{AGENT_PATH} (agent agent-1)"
+    ]
 
 
 @pytest.mark.asyncio
@@ -341,6 +371,62 @@ async def test_command_is_acked_then_answered() -> None:
     assert stopped.status is not None
     assert stopped.status.state == "stopped"
     assert "s1" not in state.sessions
+
+
+@pytest.mark.asyncio
+async def test_each_command_is_logged_as_received_in_the_seeds_words(
+    logs: pytest.LogCaptureFixture,
+) -> None:
+    """Every command is logged at INFO on arrival as the seed guide shows it, ``Received
+    start_session command for session <id>``, with its command id and generation."""
+    async with FakeControlPlane(token=TOKEN) as fake, running(make_agent(fake)):
+        await fake.wait_registered()
+        commands = [
+            await fake.command("start", "s1", 1),
+            await fake.command("hibernate", "s1", 2),
+            await fake.command("wake", "s1", 3),
+            await fake.command("stop", "s1", 4),
+        ]
+        results = [await fake.next_frame(CommandResult) for _ in commands]
+    assert [r.command_id for r in results] == [c.command_id for c in commands]
+    received = [m for m in messages(logs) if m.startswith("Received ")]
+    assert received[0] == (
+        f"Received start_session command for session s1 (command {commands[0].command_id}, "
+        "generation 1)"
+    )
+    for action, command in zip(("start", "hibernate", "wake", "stop"), commands, strict=True):
+        assert any(
+            m.startswith(
+                f"Received {action}_session command for session s1 (command "
+                f"{command.command_id}, generation {command.generation})"
+            )
+            for m in received
+        ), action
+    assert len(received) == 4, "one line per command"
+
+
+@pytest.mark.asyncio
+async def test_a_command_waiting_for_its_session_says_so(logs: pytest.LogCaptureFixture) -> None:
+    """A command that arrives while its session is busy is logged on arrival, saying what
+    it waits for."""
+    platform = GatedPlatform(agent_id="agent-1")
+    gate = platform.close_gate("s1")
+    async with FakeControlPlane(token=TOKEN) as fake, running(make_agent(fake, platform)):
+        await fake.wait_registered()
+        await fake.command("start", "s1")
+        await platform.wait_until(lambda: ("start", "s1") in platform.entered)
+        second = await fake.command("stop", "s1", 2)
+        await fake.wait_for(
+            lambda: any(a.command_id == second.command_id for a in fake.frames_of(CommandAck))
+        )
+        said = messages(logs)
+        gate.set()
+        await fake.next_frame(CommandResult)
+        await fake.next_frame(CommandResult)
+    assert (
+        f"Received stop_session command for session s1 (command {second.command_id}, "
+        "generation 2); waits for 1 earlier command(s) of the session"
+    ) in said
 
 
 @pytest.mark.asyncio
@@ -883,7 +969,8 @@ async def test_run_handles_sigterm_in_a_real_process() -> None:
     text = err.decode()
     assert process.returncode == 0, text
     assert "Received SIGTERM; shutting down" in text
-    assert "INFO: Agent registered successfully with Control Plane" in text
+    assert "INFO: Registering agent with Control Plane" in text
+    assert "INFO: Agent registered successfully: agent-1" in text
     assert [f.type for f in conn.frames][-1] == "shutdown"
 
 

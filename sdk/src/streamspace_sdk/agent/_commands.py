@@ -96,6 +96,16 @@ class CommandRunner:
             return
         self._running.add(command.command_id)
         queue = self._queues.get(command.session_id)
+        # "Received start_session command for session <id>" is the seed guide's wording.
+        waiting = f"; waits for {len(queue)} earlier command(s) of the session" if queue else ""
+        logger.info(
+            "Received %s_session command for session %s (command %s, generation %d)%s",
+            command.action,
+            command.session_id,
+            command.command_id,
+            command.generation,
+            waiting,
+        )
         if queue is not None:
             queue.append(command)
             return
@@ -168,7 +178,7 @@ class CommandRunner:
                 self._running.discard(command.command_id)
 
     async def _execute(self, command: Command) -> CommandResult:
-        logger.info(
+        logger.debug(
             "Carrying out command %s: %s session %s (generation %d)",
             command.command_id,
             command.action,

@@ -51,6 +51,7 @@ from streamspace_sdk.protocol import (
     error_frame,
     parse_frame,
 )
+from streamspace_sdk.redact import redact_url
 from streamspace_sdk.settings import AgentSettings
 from streamspace_sdk.transport import Transport
 
@@ -553,6 +554,11 @@ class Agent:
             logger.exception("Could not read the platform's sessions and capacity")
             return Outcome(f"the platform failed: {type(exc).__name__}: {exc}")
         self._problem = f"connecting to {self.url}"
+        logger.info(
+            "Registering agent with Control Plane at %s (agent %s)",
+            redact_url(self.url),
+            self.settings.agent_id,
+        )
         try:
             ws = await connect(
                 self.url,
@@ -591,9 +597,8 @@ class Agent:
             self._connection_id = welcome.connection_id
             self._vnc.attach(SocketLink(ws, self.url))
             interval = min(welcome.heartbeat_interval_s, self.settings.heartbeat_interval)
-            logger.info("Agent registered successfully with Control Plane")
+            logger.info("Agent registered successfully: %s", self.settings.agent_id)
             logger.info("WebSocket connection established (connection %s)", welcome.connection_id)
-            logger.info("Agent ID: %s", self.settings.agent_id)
             logger.info("Heartbeat sent every %g seconds", interval)
             if welcome.protocol_version != PROTOCOL_VERSION:
                 logger.warning(

@@ -6,6 +6,11 @@ VNC server answers, connects to it, then opens its end of the stream through the
 both ways, unread and unchanged, until either side closes; then the other side is closed
 too. A stream that cannot be served (unknown session, connection refused, another transport
 asked for) is answered with ``vnc.close`` and a reason.
+
+Each stream served is logged at INFO when it opens (``VNC tunnel initialized for session
+<id>``, the seed guide's wording) and when it closes, with how long it lasted and the bytes
+relayed each way; refusals are warnings. One line each way per viewer connection, never
+per frame.
 """
 
 from __future__ import annotations
@@ -181,9 +186,20 @@ class VncRelay:
                 return
             self.opened += 1
             self.active += 1
+            # The seed guide has operators grep the agent's log for "VNC tunnel".
+            logger.info(
+                "VNC tunnel initialized for session %s (stream %d, %s, VNC server %s:%d)",
+                request.session_id,
+                request.stream_id,
+                self._transport.name,
+                endpoint.host,
+                endpoint.port,
+            )
+            started = asyncio.get_running_loop().time()
+            traffic = _Traffic()
             try:
                 try:
-                    await _pump_both(stream, server)
+                    await _pump_both(stream, server, traffic)
                 except ConnectionError:
                     pass
                 finally:
@@ -191,6 +207,15 @@ class VncRelay:
                     await server.close()
             finally:
                 self.active -= 1  # counted until both ends are closed
+                logger.info(
+                    "VNC tunnel closed for session %s (stream %d, after %.1fs, "
+                    "%d bytes to the viewer, %d to the VNC server)",
+                    request.session_id,
+                    request.stream_id,
+                    asyncio.get_running_loop().time() - started,
+                    traffic.to_viewer,
+                    traffic.to_server,
+                )
         finally:
             await server.close()
 
@@ -204,16 +229,26 @@ class VncRelay:
             await link.send(VncClose(stream_id=stream_id, reason=reason[:200]))
 
 
-async def _pump_both(stream: ByteStream, server: VncConnection) -> None:
-    """Relay until either side ends; the caller closes both."""
+class _Traffic:
+    """Bytes one stream relayed each way, for its closing log line."""
+
+    def __init__(self) -> None:
+        self.to_viewer = 0
+        self.to_server = 0
+
+
+async def _pump_both(stream: ByteStream, server: VncConnection, traffic: _Traffic) -> None:
+    """Relay until either side ends, counting the bytes; the caller closes both."""
 
     async def to_viewer() -> None:
         while data := await server.read():
             await stream.write(data)
+            traffic.to_viewer += len(data)
 
     async def to_server() -> None:
         while data := await stream.read():
             await server.write(data)
+            traffic.to_server += len(data)
 
     tasks = [asyncio.create_task(to_viewer()), asyncio.create_task(to_server())]
     try:
