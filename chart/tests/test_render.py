@@ -86,6 +86,55 @@ def test_api_probes_point_at_health_and_ready(rendered: dict[str, Rendered]) -> 
         assert service["spec"]["ports"][0]["targetPort"] == "http"
 
 
+def readme_service_monitor() -> dict[str, Any]:
+    """The ServiceMonitor README.md gives under "Coming from the seed guide's chart"."""
+    blocks = (CHART / "README.md").read_text().split("```yaml\n")[1:]
+    monitors: list[dict[str, Any]] = [
+        doc
+        for block in blocks
+        for doc in yaml.safe_load_all(block.split("```", 1)[0])
+        if doc and doc.get("kind") == "ServiceMonitor"
+    ]
+    (monitor,) = monitors
+    return monitor
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_the_readmes_service_monitor_scrapes_the_api_service(
+    rendered: dict[str, Rendered], name: str
+) -> None:
+    """The seed guide's ServiceMonitor selects `component: control-plane`, as README.md's
+    does: that selects the API Service alone, and README's endpoint is a port it has, on the
+    path the control plane serves metrics at."""
+    monitor = readme_service_monitor()
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector == {"component": "control-plane"}
+    r = rendered[name]
+    chosen = [
+        s["metadata"]["name"]
+        for s in r.all("Service")
+        if selector.items() <= s["metadata"]["labels"].items()
+    ]
+    assert chosen == [API], name
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics"
+    assert endpoint["port"] in {p["name"] for p in r.get("Service", API)["spec"]["ports"]}
+
+
+def test_the_seeds_agent_service_account_name_can_be_kept(render: Any) -> None:
+    """`k8sAgent.serviceAccount.name=streamspace-agent` gives the subject the seed guide's
+    `kubectl auth can-i ... --as system:serviceaccount:streamspace:streamspace-agent` asks
+    about, bound to the agent's Role."""
+    r = render({"k8sAgent": {"enabled": True, "serviceAccount": {"name": "streamspace-agent"}}})
+    account = r.get("ServiceAccount", "streamspace-agent")
+    assert account["metadata"]["namespace"] == NAMESPACE
+    assert r.get("RoleBinding", AGENT)["subjects"] == [
+        {"kind": "ServiceAccount", "name": "streamspace-agent", "namespace": NAMESPACE}
+    ]
+    pod = r.get("Deployment", AGENT)["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "streamspace-agent"
+
+
 def test_agent_probes_point_at_its_health_port(rendered: dict[str, Rendered]) -> None:
     agent = container(rendered["agent-ha"].get("Deployment", AGENT), "agent")
     (port,) = agent["ports"]
