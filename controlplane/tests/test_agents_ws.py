@@ -91,6 +91,36 @@ async def test_seed_path_agent_ws_works(harness: Harness) -> None:
 
 
 @pytest.mark.asyncio
+async def test_seed_troubleshooting_path_agents_hub_works(harness: Harness) -> None:
+    """``/api/v1/agents/hub``, the path the seed's troubleshooting checks, is the same
+    endpoint: an agent registers there, is online and is sent its commands."""
+    sim = await harness.agent("a1", path="/api/v1/agents/hub")
+    assert sim.welcome is not None
+    agent = await harness.cp.store.get_agent("a1")
+    assert agent is not None
+    assert (agent.status, agent.websocket_conn_id) == ("online", sim.welcome.connection_id)
+    await harness.template()
+    session = await harness.session()
+    running = await harness.wait_state(session.id, "running")
+    assert running.agent_id == "a1"
+    assert [c.action for c in sim.commands] == ["start"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("path", ["/api/v1/agents/connect", "/agent/ws", "/api/v1/agents/hub"])
+async def test_every_agent_path_refuses_an_upgrade_without_a_token(
+    harness: Harness, path: str
+) -> None:
+    """No token, no socket, on each agent path alike: HTTP 401 before the handshake."""
+    sim = AgentSim(harness.url, None, "a1", path=path)
+    with pytest.raises(Refused) as refused:
+        await sim.connect()
+    assert refused.value.code == 401
+    assert '"code": "unauthorized"' in refused.value.reason
+    assert await harness.cp.store.get_agent("a1") is None
+
+
+@pytest.mark.asyncio
 async def test_command_sent_while_agent_away_is_delivered_when_it_returns(
     store: Store, tmp_path: Path
 ) -> None:

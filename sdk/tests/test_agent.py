@@ -232,6 +232,10 @@ class GatedPlatform(MemoryPlatform):
         ("wss://streamspace.example.com/", f"wss://streamspace.example.com{AGENT_PATH}"),
         ("ws://cp:8000/streamspace", f"ws://cp:8000/streamspace{AGENT_PATH}"),
         ("ws://streamspace-api:8000/agent/ws", "ws://streamspace-api:8000/agent/ws"),
+        (
+            "wss://streamspace.example.com/api/v1/agents/hub",
+            "wss://streamspace.example.com/api/v1/agents/hub",
+        ),
         (f"ws://cp{AGENT_PATH}", f"ws://cp{AGENT_PATH}"),
     ],
 )

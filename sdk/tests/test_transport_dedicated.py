@@ -146,6 +146,7 @@ def test_ws_dedicated_is_a_registered_transport() -> None:
     [
         ("ws://cp:8080/api/v1/agents/connect", "ws://cp:8080/api/v1/agents/vnc/t0k"),
         ("wss://cp.example.com/agent/ws", "wss://cp.example.com/api/v1/agents/vnc/t0k"),
+        ("wss://cp.example.com/api/v1/agents/hub", "wss://cp.example.com/api/v1/agents/vnc/t0k"),
         ("wss://h/prefix/api/v1/agents/connect/", "wss://h/prefix/api/v1/agents/vnc/t0k"),
         ("ws://h/api/v1/agents/connect?x=1#f", "ws://h/api/v1/agents/vnc/t0k"),
     ],

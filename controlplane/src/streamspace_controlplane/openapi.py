@@ -269,7 +269,8 @@ def build_document(
                 "REST API v1 of the StreamSpace control plane. Errors are "
                 '`{"error": {"code", "message"}}`. Log in with `POST /api/v1/auth/login` and '
                 "send the token as `Authorization: Bearer <token>`. Agents connect over the "
-                "WebSocket `GET /api/v1/agents/connect` (not described here)."
+                "WebSocket `GET /api/v1/agents/connect` (also `/agent/ws` and "
+                "`/api/v1/agents/hub`; not described here)."
             ),
         },
         "paths": paths,

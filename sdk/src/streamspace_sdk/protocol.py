@@ -59,8 +59,10 @@ __all__ = [
 PROTOCOL_VERSION = 1
 """Grows when a change would confuse an older peer; new optional fields do not change it."""
 
-AGENT_PATHS = ("/api/v1/agents/connect", "/agent/ws")
-"""Where the control plane serves agents; the second is the path the seed's Helm values use."""
+AGENT_PATHS = ("/api/v1/agents/connect", "/agent/ws", "/api/v1/agents/hub")
+"""Where the control plane serves agents, one endpoint at each path. The agent appends the
+first to a ``CONTROL_PLANE_URL`` that ends in none of them; ``/agent/ws`` is the path the
+seed guide's Helm values use, and ``/api/v1/agents/hub`` the one its troubleshooting checks."""
 
 DEDICATED_STREAM_PATH = "/api/v1/agents/vnc/{stream_token}"
 """Where an agent dials one ``ws-dedicated`` stream, beside the agent endpoint."""

@@ -1,4 +1,5 @@
-"""The agent WebSocket: ``/api/v1/agents/connect``, also served at ``/agent/ws``.
+"""The agent WebSocket: ``/api/v1/agents/connect``, also served at ``/agent/ws`` and
+``/api/v1/agents/hub`` (:data:`~streamspace_sdk.protocol.AGENT_PATHS`).
 
 An agent dials out to this endpoint with ``Authorization: Bearer <agent token>``; the token is
 checked before the socket is accepted. Its first frame must be ``agent.hello`` naming the

@@ -49,8 +49,8 @@ connection: a stalled viewer's socket may never read the close frame."""
 def stream_url(agent_url: str, stream_token: str) -> str:
     """Return the URL of a dedicated stream's socket, beside the agent endpoint ``agent_url``.
 
-    The agent endpoint's own path (``/api/v1/agents/connect`` or ``/agent/ws``) is replaced,
-    so a control plane behind a path prefix works as it does for the agent socket.
+    The agent endpoint's own path (one of :data:`~streamspace_sdk.protocol.AGENT_PATHS`) is
+    replaced, so a control plane behind a path prefix works as it does for the agent socket.
     """
     parts = urlsplit(agent_url)
     path = parts.path.rstrip("/")
