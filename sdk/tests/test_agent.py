@@ -313,10 +313,11 @@ async def test_registers_with_the_platforms_sessions(logs: pytest.LogCaptureFixt
 
 
 @pytest.mark.asyncio
-async def test_registering_line_hides_a_password_in_the_url(
+async def test_a_password_in_the_url_is_shown_by_no_log_line(
     logs: pytest.LogCaptureFixture,
 ) -> None:
-    """A password in CONTROL_PLANE_URL's user part is not shown in the registering line."""
+    """A password in CONTROL_PLANE_URL's user part is shown as ``***`` by the registering
+    line, and by no log line at all (the connection refused, here)."""
     settings = AgentSettings(
         agent_id="agent-1",
         control_plane_url=f"ws://ops:s3cret-pw@127.0.0.1:{free_port()}",
@@ -330,6 +331,8 @@ async def test_registering_line_hides_a_password_in_the_url(
         f"Registering agent with Control Plane at ws://ops:***@127.0.0.1:"
         f"{urlsplit(agent.url).port}{AGENT_PATH} (agent agent-1)"
     ]
+    assert any(m.startswith("Could not connect to the control plane at") for m in messages(logs))
+    assert not [m for m in messages(logs) if "s3cret-pw" in m]
 
 
 @pytest.mark.asyncio

@@ -172,6 +172,8 @@ class Agent:
     ) -> None:
         self.settings = settings
         self.url = agent_url(settings.control_plane_url)
+        self._shown_url = redact_url(self.url)
+        """The URL as logs and ``/ready`` show it: a password in it as ``***``."""
         self.identity = f"{socket.gethostname()}_{uuid.uuid4().hex}"
         """This process's name in the leader election: host name and a random suffix, as
         client-go makes them, so a restarted process is never taken for its predecessor."""
@@ -349,7 +351,7 @@ class Agent:
                 "Starting StreamSpace agent %s (platform %s, control plane %s, HA %s)",
                 self.settings.agent_id,
                 self.platform.name,
-                self.url,
+                self._shown_url,
                 f"on, identity {self.identity}" if self._elector is not None else "off",
             )
             main = asyncio.create_task(
@@ -553,10 +555,10 @@ class Agent:
         except Exception as exc:
             logger.exception("Could not read the platform's sessions and capacity")
             return Outcome(f"the platform failed: {type(exc).__name__}: {exc}")
-        self._problem = f"connecting to {self.url}"
+        self._problem = f"connecting to {self._shown_url}"
         logger.info(
             "Registering agent with Control Plane at %s (agent %s)",
-            redact_url(self.url),
+            self._shown_url,
             self.settings.agent_id,
         )
         try:
@@ -572,10 +574,12 @@ class Agent:
                 user_agent_header=f"streamspace-agent/{_agent_version()}",
             )
         except InvalidStatus as exc:
-            return refused_http(exc.response.status_code, self.url, self.settings.agent_id)
+            return refused_http(exc.response.status_code, self._shown_url, self.settings.agent_id)
         except (OSError, TimeoutError, WebSocketException) as exc:
             detail = str(exc) or type(exc).__name__
-            logger.warning("Could not connect to the control plane at %s: %s", self.url, detail)
+            logger.warning(
+                "Could not connect to the control plane at %s: %s", self._shown_url, detail
+            )
             return Outcome(f"cannot connect to the control plane: {detail}")
         try:
             return await self._converse(ws, hello, since)
