@@ -370,6 +370,15 @@ def test_agent_zero_max_sessions_is_allowed(agent_env: pytest.MonkeyPatch) -> No
     assert load_settings(AgentSettings).max_sessions == 0
 
 
+@pytest.mark.parametrize("zero", ["0", "0.0", " 0 ", "0.00"])
+def test_agent_zero_cpu_and_memory_are_no_limit(agent_env: pytest.MonkeyPatch, zero: str) -> None:
+    """The seed's manifests set MAX_CPU and MAX_MEMORY to 0 for "unlimited"."""
+    agent_env.setenv("MAX_CPU", zero)
+    agent_env.setenv("MAX_MEMORY", zero)
+    settings = load_settings(AgentSettings)
+    assert (settings.max_cpu, settings.max_memory) == (None, None)
+
+
 def test_load_settings_refuses_unknown_keywords(agent_env: pytest.MonkeyPatch) -> None:
     """A keyword that is not a setting is a typo, and fails naming it (extra=forbid)."""
     with pytest.raises(ConfigError, match="HEARTBEAT_INTREVAL"):
@@ -464,9 +473,11 @@ def test_enable_ha_bad_value(agent_env: pytest.MonkeyPatch) -> None:
     assert "maybe" in str(info.value)
 
 
-@pytest.mark.parametrize(("var", "value"), [("MAX_CPU", "0"), ("MAX_MEMORY", "-2")])
+@pytest.mark.parametrize(
+    ("var", "value"), [("MAX_CPU", "-0.5"), ("MAX_MEMORY", "-2"), ("MAX_CPU", "lots")]
+)
 def test_agent_limits_must_be_positive(agent_env: pytest.MonkeyPatch, var: str, value: str) -> None:
-    """MAX_CPU and MAX_MEMORY are unset or positive."""
+    """MAX_CPU and MAX_MEMORY are unset, 0 (no limit) or positive."""
     agent_env.setenv(var, value)
     with pytest.raises(ConfigError, match=var):
         load_settings(AgentSettings)

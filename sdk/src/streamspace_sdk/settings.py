@@ -152,13 +152,15 @@ class AgentSettings(StreamSpaceSettings):
     """Namespace (Kubernetes) or prefix (other platforms) the sessions live in."""
 
     max_cpu: float | None = Field(default=None, gt=0)
-    """CPU cores this agent may hand out to sessions; unset means no limit."""
+    """CPU cores this agent may hand out to sessions; unset or 0 (the seed's default) means
+    no limit."""
 
     max_memory: float | None = Field(default=None, gt=0)
-    """Memory in GB this agent may hand out to sessions; unset means no limit."""
+    """Memory in GB this agent may hand out to sessions; unset or 0 means no limit."""
 
     max_sessions: int = Field(default=10, ge=0)
-    """Concurrent sessions this agent accepts."""
+    """Concurrent sessions this agent accepts; 0 drains it (connected, taking no new
+    session). Unlike the seed's 0, there is no "unlimited": platforms count sessions."""
 
     heartbeat_interval: Annotated[Duration, Field(gt=0)] = 10.0
     """Seconds between heartbeats. The seed's Go agent used 30 s, which equals the control
@@ -200,6 +202,16 @@ class AgentSettings(StreamSpaceSettings):
 
     ws_ping_timeout: Annotated[Duration, Field(gt=0)] = 20.0
     """Seconds a ping may wait for its pong before the connection counts as dead."""
+
+    @field_validator("max_cpu", "max_memory", mode="before")
+    @classmethod
+    def _zero_is_no_limit(cls, value: object) -> object:
+        # The seed's manifests write MAX_CPU: "0" and MAX_MEMORY: "0" for "unlimited".
+        try:
+            zero = float(value) == 0  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return value  # the field's own check names what is wrong
+        return None if zero else value
 
     @field_validator("agent_id")
     @classmethod
