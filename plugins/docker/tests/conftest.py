@@ -54,6 +54,23 @@ def engine() -> Iterator[docker.APIClient]:
     client.close()
 
 
+@pytest.fixture(autouse=True)
+def _networks_go_with_their_test() -> Iterator[None]:
+    """Remove this run's networks that no container uses once each test ends: the engine has
+    about 30 address pools (fewer with a swarm), and a run keeping every test's network to
+    its end ran out of them."""
+    yield
+    with contextlib.suppress(docker.errors.DockerException):
+        client = docker.APIClient(base_url=DOCKER_HOST, version="auto")
+        try:
+            for network in client.networks(names=None):
+                if network["Name"].startswith(PREFIX):
+                    with contextlib.suppress(docker.errors.APIError):  # in use: kept
+                        client.remove_network(network["Id"])
+        finally:
+            client.close()
+
+
 @pytest.fixture(scope="session")
 def desktop_image(engine: docker.APIClient) -> str:
     """The desktop image (Xvnc and xterm), built with mmdebstrap unless the engine has it."""
