@@ -168,7 +168,11 @@ function follow(id, force = false) {
     id,
     async (event) => {
       row.events.push(event);
-      row.session = { ...row.session, state: event.state };
+      // The stream replays the session's history first: only an event since the session
+      // was read may move its state (an old "running" would show a waking session as up).
+      if (Date.parse(event.at) >= Date.parse(row.session.updated_at)) {
+        row.session = { ...row.session, state: event.state };
+      }
       render(row);
       if (SETTLED.has(event.state)) {
         // The event has no desired state: read the session to know whether it is done.
